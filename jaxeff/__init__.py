@@ -1,0 +1,11 @@
+"""jaxeff: training efficiency and robustness for JAX.
+
+Subpackages:
+  losses     contrastive hinge losses with hard negatives (VSE++).
+  retrieval  image-text retrieval metrics (R@K, median/mean rank, rsum).
+  models     flax nnx models used by the experiments.
+  data       tensorflow-datasets builders, generated datasets, grain pipelines.
+  train      jit-compiled train steps, sharding, checkpoints, metric logging.
+"""
+
+__version__ = "0.1.0"
