@@ -1,0 +1,232 @@
+"""Hinge-based triplet losses over the in-batch similarity matrix (VSE0 and VSE++).
+
+Faghri, Fleet, Kiros, Fidler, "VSE++: Improving Visual-Semantic Embeddings with Hard
+Negatives", BMVC 2018, https://arxiv.org/abs/1707.05612.
+
+For a batch of ``B`` matched pairs with similarity matrix ``S`` (image ``k`` vs caption
+``j``, matching pairs on the diagonal) and margin ``α``:
+
+* caption retrieval (image ``k`` is the query, captions ``j ≠ k`` are negatives):
+  ``c_s[k, j] = max(0, α + S[k, j] - S[k, k])``
+* image retrieval (caption ``k`` is the query, images ``j ≠ k`` are negatives):
+  ``c_im[k, j] = max(0, α + S[j, k] - S[k, k])``
+
+The sum of hinges (SH, VSE0) adds every cost; the max of hinges (MH, VSE++) keeps, for
+each query, only its hardest negative. Both directions are added.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxeff.losses.similarity import check_embedding_pair, similarity_matrix
+
+REDUCTIONS = ("sum", "mean")
+
+
+def positives_from_ids(image_ids):
+    """Positive-pair mask from the image id of each pair in a batch.
+
+    Two captions of the same image in one batch are not each other's negatives:
+    ``positives[k, j] = image_ids[k] == image_ids[j]``.
+
+    Args:
+      image_ids: ``(B,)`` integer ids of the image each pair comes from.
+
+    Returns:
+      ``(B, B)`` boolean mask, true on the diagonal and for every other matching pair.
+    """
+    if jnp.ndim(image_ids) != 1:
+        raise ValueError(f"`image_ids` must be 1-D, got shape {jnp.shape(image_ids)}.")
+    return image_ids[:, None] == image_ids[None, :]
+
+
+def _check_scores(scores, positives):
+    if jnp.ndim(scores) != 2 or scores.shape[0] != scores.shape[1]:
+        raise ValueError(f"`scores` must be a square (B, B) matrix, got shape {jnp.shape(scores)}.")
+    if positives is not None:
+        if jnp.shape(positives) != scores.shape:
+            raise ValueError(
+                f"`positives` must have shape {scores.shape} (one entry per image-caption "
+                f"pair in the batch), got {jnp.shape(positives)}."
+            )
+        if jnp.result_type(positives) != jnp.bool_:
+            raise ValueError(
+                f"`positives` must be boolean, got dtype {jnp.result_type(positives)}."
+            )
+
+
+def hinge_costs(scores, *, margin: float = 0.2, positives=None):
+    """Hinge costs of every negative, both retrieval directions, query-major.
+
+    Args:
+      scores: ``(B, B)`` similarity matrix, ``scores[k, j] = s(image_k, caption_j)``.
+      margin: the margin ``α``.
+      positives: optional ``(B, B)`` boolean mask of extra matching pairs to exclude
+        (see :func:`positives_from_ids`); the diagonal is always excluded.
+
+    Returns:
+      ``(cost_s, cost_im)``, each ``(B, B)``: ``cost_s[k, j]`` is the cost of caption ``j``
+      for image query ``k``; ``cost_im[k, j]`` the cost of image ``j`` for caption query
+      ``k``. Excluded entries are zero.
+    """
+    _check_scores(scores, positives)
+    diagonal = jnp.diagonal(scores)
+    cost_s = jax.nn.relu(margin + scores - diagonal[:, None])
+    cost_im = jax.nn.relu(margin + scores.T - diagonal[:, None])
+    excluded = jnp.eye(scores.shape[0], dtype=bool)
+    if positives is not None:
+        excluded = excluded | positives
+    return jnp.where(excluded, 0.0, cost_s), jnp.where(excluded.T, 0.0, cost_im)
+
+
+def sum_of_hinges(costs):
+    """SH: each query's total cost over all its negatives, ``Σ_j c[k, j]`` → ``(B,)``."""
+    return jnp.sum(costs, axis=1)
+
+
+def max_of_hinges(costs, *, top_k: int = 1):
+    """MH: each query's cost on its ``top_k`` hardest negatives → ``(B,)``.
+
+    ``top_k = 1`` is VSE++ (``max_j c[k, j]``); larger ``k`` sums the ``k`` largest costs.
+    ``k`` is clipped to the ``B - 1`` negatives a query has; with ``B = 1`` the cost is 0.
+    """
+    if not isinstance(top_k, int) or top_k < 1:
+        raise ValueError(f"`top_k` must be a positive integer, got {top_k!r}.")
+    k = min(top_k, costs.shape[1] - 1)
+    if k == 0:
+        return jnp.zeros(costs.shape[:1], costs.dtype)
+    if k == 1:
+        return jnp.max(costs, axis=1)
+    return jnp.sum(jax.lax.top_k(costs, k)[0], axis=1)
+
+
+def hinge_loss(
+    scores,
+    *,
+    margin: float = 0.2,
+    max_violation=False,
+    top_k: int | None = None,
+    reduction: str = "sum",
+    positives=None,
+):
+    """Contrastive hinge loss (SH or MH) from an in-batch similarity matrix.
+
+    .. math::
+
+      L = \\sum_k \\big[(1-w)\\,\\mathrm{SH}_k + w\\,\\mathrm{MH}_k\\big],\\quad
+      \\mathrm{SH}_k = \\sum_{j \\ne k} c_s[k, j] + c_{im}[k, j],\\quad
+      \\mathrm{MH}_k = \\max_{j \\ne k} c_s[k, j] + \\max_{j \\ne k} c_{im}[k, j]
+
+    with ``w = max_violation`` (``False``/``True`` or a weight in ``[0, 1]``, e.g. from
+    :func:`jaxeff.losses.hard_negative_schedule`, for a warm-up from SH to MH).
+
+    Args:
+      scores: ``(B, B)`` similarity matrix with matching pairs on the diagonal.
+      margin: the margin ``α`` (0.2 in VSE++; order embeddings used 0.05).
+      max_violation: ``False`` for SH (VSE0), ``True`` for MH (VSE++), or a scalar weight
+        ``w`` in ``[0, 1]`` (may be a traced array, so a schedule never recompiles).
+      top_k: with the MH term, sum the ``top_k`` hardest negatives per query instead of
+        the single hardest (default 1). Only valid when ``max_violation`` is not ``False``.
+      reduction: ``"sum"`` over the batch (the reference's choice; scale grows with B) or
+        ``"mean"`` over the ``B`` queries (the sum divided by ``B``).
+      positives: optional ``(B, B)`` boolean mask of extra matching pairs that are not
+        negatives of each other (e.g. two captions of one image).
+
+    Returns:
+      Scalar loss.
+    """
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"`reduction` must be one of {REDUCTIONS}, got {reduction!r}.")
+    if isinstance(margin, (int, float)) and margin < 0:
+        raise ValueError(f"`margin` must be non-negative, got {margin}.")
+    if top_k is not None and max_violation is False:
+        raise ValueError("`top_k` selects hard negatives; it needs `max_violation` to be set.")
+    if isinstance(max_violation, (int, float)) and not 0 <= max_violation <= 1:
+        raise ValueError(
+            f"`max_violation` must be a bool or a weight in [0, 1], got {max_violation}."
+        )
+    cost_s, cost_im = hinge_costs(scores, margin=margin, positives=positives)
+
+    def per_query(reduce):
+        return reduce(cost_s) + reduce(cost_im)
+
+    hard = lambda c: max_of_hinges(c, top_k=1 if top_k is None else top_k)
+    if max_violation is True:
+        losses = per_query(hard)
+    elif max_violation is False:
+        losses = per_query(sum_of_hinges)
+    else:
+        w = jnp.asarray(max_violation, scores.dtype)
+        losses = (1 - w) * per_query(sum_of_hinges) + w * per_query(hard)
+    total = jnp.sum(losses)
+    return total if reduction == "sum" else total / scores.shape[0]
+
+
+def vse_hinge_loss(
+    images,
+    captions,
+    *,
+    margin: float = 0.2,
+    measure: str = "cosine",
+    max_violation=False,
+    top_k: int | None = None,
+    reduction: str = "sum",
+    positives=None,
+):
+    """VSE0 / VSE++ contrastive loss of a batch of matched image-caption embeddings.
+
+    Computes ``S = similarity_matrix(images, captions, measure=measure)`` and returns
+    :func:`hinge_loss` of it: the sum of hinges (``max_violation=False``, VSE0) or the max
+    of hinges, i.e. the hardest negative per query in both retrieval directions
+    (``max_violation=True``, VSE++, Faghri et al. 2018, arXiv 1707.05612, Eq. 5).
+
+    Pure and shape-static: it jits, differentiates and vmaps. Inside a jit over a batch
+    sharded across devices the negatives are taken over the global batch.
+
+    Args:
+      images: ``(B, D)`` image embeddings ``u_k`` (row ``k`` matches caption ``k``).
+      captions: ``(B, D)`` caption embeddings ``v_k``.
+      margin: hinge margin ``α``.
+      measure: ``"cosine"`` or ``"order"`` similarity.
+      max_violation: ``False`` (SH), ``True`` (MH) or a weight in ``[0, 1]`` mixing them.
+      top_k: number of hardest negatives per query for the MH term (default 1).
+      reduction: ``"sum"`` (reference) or ``"mean"`` over queries.
+      positives: optional ``(B, B)`` boolean mask of extra matching pairs.
+
+    Returns:
+      Scalar loss. ``B = 1`` has no negatives and gives 0.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from jaxeff.losses import vse_hinge_loss
+      >>> u = jax.random.normal(jax.random.key(0), (8, 16))
+      >>> u = u / jnp.linalg.norm(u, axis=1, keepdims=True)
+      >>> loss = vse_hinge_loss(u, u[::-1], max_violation=True)
+    """
+    check_embedding_pair(images, captions)
+    scores = similarity_matrix(images, captions, measure=measure)
+    return hinge_loss(
+        scores,
+        margin=margin,
+        max_violation=max_violation,
+        top_k=top_k,
+        reduction=reduction,
+        positives=positives,
+    )
+
+
+def similarity_spread(scores):
+    """Standard deviation of the similarity matrix, a collapse indicator.
+
+    VSE++'s known failure mode (small batches, MH from scratch): all embeddings collapse
+    to one point, every similarity is equal, and the MH loss sits at exactly ``2·B·α``
+    (sum reduction). A spread near 0 detects it; see :func:`is_collapsed`.
+    """
+    return jnp.std(scores)
+
+
+def is_collapsed(scores, *, tol: float = 1e-4):
+    """Whether the embeddings have collapsed: all similarities equal within ``tol``."""
+    return similarity_spread(scores) < tol

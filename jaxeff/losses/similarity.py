@@ -1,0 +1,101 @@
+"""Similarity measures between image and caption embeddings.
+
+Both return the in-batch similarity matrix ``S[k, j] = s(u_k, v_j)`` between image
+``k`` and caption ``j``, the input of the hinge losses in :mod:`jaxeff.losses.hinge`.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+MEASURES = ("cosine", "order")
+
+
+def check_embedding_pair(images, captions, *, allow_different_lengths: bool = False):
+    """Validates a pair of embedding matrices at a public boundary.
+
+    Raises:
+        ValueError: naming ``images`` or ``captions`` when either is not a 2-D floating
+            array, when their embedding sizes differ, or (unless allowed) their lengths.
+    """
+    for name, x in (("images", images), ("captions", captions)):
+        if jnp.ndim(x) != 2:
+            raise ValueError(
+                f"`{name}` must be a 2-D (batch, dim) array, got shape {jnp.shape(x)}."
+            )
+        if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
+            raise ValueError(f"`{name}` must be a floating array, got dtype {jnp.result_type(x)}.")
+    if images.shape[1] != captions.shape[1]:
+        raise ValueError(
+            f"`images` and `captions` must have the same embedding size, got {images.shape[1]} "
+            f"and {captions.shape[1]}."
+        )
+    if not allow_different_lengths and images.shape[0] != captions.shape[0]:
+        raise ValueError(
+            "`images` and `captions` must hold the same number of matched pairs, got "
+            f"{images.shape[0]} images and {captions.shape[0]} captions."
+        )
+
+
+def cosine_similarity(images, captions):
+    """Inner-product similarity ``S[k, j] = u_k · v_j``.
+
+    This is the cosine similarity when the embeddings are L2-normalised, which the VSE
+    models do (the VSE0 baseline keeps unnormalised image embeddings and so uses the plain
+    inner product, exactly as the reference code).
+
+    Args:
+        images: ``(N, D)`` image embeddings ``u``.
+        captions: ``(M, D)`` caption embeddings ``v``.
+
+    Returns:
+        ``(N, M)`` similarity matrix.
+    """
+    check_embedding_pair(images, captions, allow_different_lengths=True)
+    return images @ captions.T
+
+
+def _safe_norm(x, axis):
+    """L2 norm whose gradient is 0 (not NaN) at the origin."""
+    sq = jnp.sum(jnp.square(x), axis=axis)
+    positive = sq > 0
+    return jnp.where(positive, jnp.sqrt(jnp.where(positive, sq, 1.0)), 0.0)
+
+
+def order_similarity(images, captions):
+    """Order-embedding similarity ``S[k, j] = -|| max(0, v_j - u_k) ||_2``.
+
+    From Vendrov et al., "Order-Embeddings of Images and Language" (ICLR 2016), as used by
+    the Order0/Order++ rows of VSE++ (Faghri et al. 2018, arXiv 1707.05612). A caption is
+    more similar to an image the less it exceeds the image coordinate-wise (the
+    embeddings are non-negative, the model applies ``abs``). The gradient is defined
+    (zero) where the violation is exactly zero.
+
+    Args:
+        images: ``(N, D)`` image embeddings ``u``.
+        captions: ``(M, D)`` caption embeddings ``v``.
+
+    Returns:
+        ``(N, M)`` similarity matrix (non-positive).
+    """
+    check_embedding_pair(images, captions, allow_different_lengths=True)
+    violation = jnp.maximum(0.0, captions[None, :, :] - images[:, None, :])
+    return -_safe_norm(violation, axis=-1)
+
+
+def similarity_matrix(images, captions, *, measure: str = "cosine"):
+    """Similarity matrix ``S[k, j]`` between image ``k`` and caption ``j``.
+
+    Args:
+        images: ``(N, D)`` image embeddings.
+        captions: ``(M, D)`` caption embeddings.
+        measure: ``"cosine"`` (inner product of normalised embeddings) or ``"order"``.
+
+    Returns:
+        ``(N, M)`` similarity matrix.
+    """
+    if measure == "cosine":
+        return cosine_similarity(images, captions)
+    if measure == "order":
+        return order_similarity(images, captions)
+    raise ValueError(f"`measure` must be one of {MEASURES}, got {measure!r}.")

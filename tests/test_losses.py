@@ -1,0 +1,211 @@
+"""Hinge losses against a loop-based numpy reference of the VSE++ formulas."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec
+
+from jaxeff import losses
+
+
+def reference_loss(im, s, *, margin, measure, max_violation, top_k=1, positives=None):
+    """Per-query Python loops over the VSE++ cost definitions (sum reduction)."""
+    b = im.shape[0]
+    S = np.zeros((b, b))
+    for k in range(b):
+        for j in range(b):
+            if measure == "cosine":
+                S[k, j] = float(np.dot(im[k], s[j]))
+            else:
+                S[k, j] = -float(np.sqrt(np.sum(np.maximum(0.0, s[j] - im[k]) ** 2)))
+    pos = np.eye(b, dtype=bool) if positives is None else (positives | np.eye(b, dtype=bool))
+    total = 0.0
+    for k in range(b):
+        caption_costs = [max(0.0, margin + S[k, j] - S[k, k]) for j in range(b) if not pos[k, j]]
+        image_costs = [max(0.0, margin + S[j, k] - S[k, k]) for j in range(b) if not pos[j, k]]
+        for costs in (caption_costs, image_costs):
+            if not costs:
+                continue
+            if max_violation:
+                total += sum(sorted(costs, reverse=True)[:top_k])
+            else:
+                total += sum(costs)
+    return total
+
+
+def unit(key, shape):
+    x = jax.random.normal(key, shape)
+    return x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+
+
+@pytest.mark.parametrize("measure", ["cosine", "order"])
+@pytest.mark.parametrize("max_violation", [False, True])
+@pytest.mark.parametrize("b", [1, 2, 7])
+def test_matches_loop_reference(measure, max_violation, b):
+    k1, k2 = jax.random.split(jax.random.key(b))
+    im, s = unit(k1, (b, 5)), unit(k2, (b, 5))
+    if measure == "order":
+        im, s = jnp.abs(im), jnp.abs(s)
+    margin = 0.2 if measure == "cosine" else 0.05
+    got = losses.vse_hinge_loss(im, s, margin=margin, measure=measure, max_violation=max_violation)
+    want = reference_loss(
+        np.asarray(im, np.float64),
+        np.asarray(s, np.float64),
+        margin=margin,
+        measure=measure,
+        max_violation=max_violation,
+    )
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    if b == 1:
+        assert float(got) == 0.0
+
+
+@pytest.mark.parametrize("top_k", [1, 2, 3, 10])
+def test_top_k_matches_reference(top_k):
+    im, s = unit(jax.random.key(1), (6, 4)), unit(jax.random.key(2), (6, 4))
+    got = losses.vse_hinge_loss(im, s, margin=0.5, max_violation=True, top_k=top_k)
+    want = reference_loss(
+        np.asarray(im), np.asarray(s), margin=0.5, measure="cosine", max_violation=True, top_k=top_k
+    )
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+@pytest.mark.parametrize("max_violation", [False, True])
+def test_positives_mask_matches_reference(max_violation):
+    ids = jnp.array([0, 1, 0, 2, 1, 3])
+    im, s = unit(jax.random.key(3), (6, 4)), unit(jax.random.key(4), (6, 4))
+    # Pairs sharing an image share its embedding and have near-identical captions, so the
+    # other caption of the same image would be the hardest "negative" without the mask.
+    s = s.at[2].set(s[0] + 0.01).at[4].set(s[1] - 0.01)
+    im = s[jnp.array([0, 1, 0, 3, 1, 5])]
+    pos = losses.positives_from_ids(ids)
+    got = losses.vse_hinge_loss(im, s, margin=0.2, max_violation=max_violation, positives=pos)
+    want = reference_loss(
+        np.asarray(im),
+        np.asarray(s),
+        margin=0.2,
+        measure="cosine",
+        max_violation=max_violation,
+        positives=np.asarray(pos),
+    )
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    unmasked = losses.vse_hinge_loss(im, s, margin=0.2, max_violation=max_violation)
+    assert float(unmasked) > float(got)
+
+
+def test_directions_are_not_swapped():
+    # Image 0 has a hard negative caption (caption 1 very close to image 0); caption 0 has
+    # no hard negative image. Only the caption-retrieval cost of query 0 is non-zero.
+    scores = jnp.array([[0.5, 0.6], [0.0, 0.9]])
+    cost_s, cost_im = losses.hinge_costs(scores, margin=0.2)
+    np.testing.assert_allclose(cost_s, [[0.0, 0.3], [0.0, 0.0]], atol=1e-6)
+    np.testing.assert_allclose(cost_im, [[0.0, 0.0], [0.0, 0.0]], atol=1e-6)
+    scores = jnp.array([[0.5, 0.0], [0.6, 0.9]])  # image 1 is a hard negative of caption 0
+    cost_s, cost_im = losses.hinge_costs(scores, margin=0.2)
+    np.testing.assert_allclose(cost_s, 0.0, atol=1e-6)
+    np.testing.assert_allclose(cost_im, [[0.0, 0.3], [0.0, 0.0]], atol=1e-6)
+
+
+def test_mean_reduction_and_mixing_weight():
+    im, s = unit(jax.random.key(5), (8, 4)), unit(jax.random.key(6), (8, 4))
+    sh = losses.vse_hinge_loss(im, s)
+    mh = losses.vse_hinge_loss(im, s, max_violation=True)
+    np.testing.assert_allclose(losses.vse_hinge_loss(im, s, reduction="mean"), sh / 8, rtol=1e-6)
+    np.testing.assert_allclose(losses.vse_hinge_loss(im, s, max_violation=0.0), sh, rtol=1e-6)
+    np.testing.assert_allclose(losses.vse_hinge_loss(im, s, max_violation=1.0), mh, rtol=1e-6)
+    mixed = losses.vse_hinge_loss(im, s, max_violation=jnp.float32(0.25))
+    np.testing.assert_allclose(mixed, 0.75 * sh + 0.25 * mh, rtol=1e-6)
+
+
+def test_schedule_moves_from_sh_to_mh():
+    hard = losses.hard_negative_schedule(10)
+    assert [float(hard(t)) for t in (0, 9, 10, 500)] == [0.0, 0.0, 1.0, 1.0]
+    ramp = losses.hard_negative_schedule(10, transition_steps=3)
+    np.testing.assert_allclose([ramp(t) for t in (9, 10, 11, 12, 13)], [0, 0.25, 0.5, 0.75, 1.0])
+
+
+def test_jit_grad_vmap_and_no_retrace():
+    traces = []
+
+    @jax.jit
+    def loss_fn(im, s, w):
+        traces.append(1)
+        return losses.vse_hinge_loss(im, s, max_violation=w)
+
+    im, s = unit(jax.random.key(7), (5, 3)), unit(jax.random.key(8), (5, 3))
+    loss_fn(im, s, 0.0)
+    loss_fn(im * 0.9, s, 1.0)
+    assert len(traces) == 1
+    g = jax.grad(lambda x: losses.vse_hinge_loss(x, s, max_violation=True))(im)
+    eps = 1e-3
+    e = jnp.zeros_like(im).at[2, 1].set(eps)
+    fd = (
+        losses.vse_hinge_loss(im + e, s, max_violation=True)
+        - losses.vse_hinge_loss(im - e, s, max_violation=True)
+    ) / (2 * eps)
+    np.testing.assert_allclose(g[2, 1], fd, rtol=1e-2, atol=1e-3)
+    batched = jax.vmap(lambda a, b: losses.vse_hinge_loss(a, b))(
+        jnp.stack([im, s]), jnp.stack([s, im])
+    )
+    np.testing.assert_allclose(batched[0], losses.vse_hinge_loss(im, s), rtol=1e-6)
+
+
+def test_order_gradient_finite_at_zero_violation():
+    im = jnp.ones((3, 4))
+    s = jnp.full((3, 4), 0.5)  # captions below every image: zero violation everywhere
+    g = jax.grad(lambda x: losses.vse_hinge_loss(x, s, measure="order"))(im)
+    assert bool(jnp.all(jnp.isfinite(g)))
+
+
+def test_collapse_indicator():
+    same = jnp.ones((4, 3)) / jnp.sqrt(3.0)
+    scores = losses.similarity_matrix(same, same)
+    assert bool(losses.is_collapsed(scores))
+    # Collapsed MH loss is exactly 2 * B * margin.
+    np.testing.assert_allclose(
+        losses.vse_hinge_loss(same, same, max_violation=True), 2 * 4 * 0.2, rtol=1e-6
+    )
+    im = unit(jax.random.key(9), (4, 3))
+    assert not bool(losses.is_collapsed(losses.similarity_matrix(im, im)))
+
+
+def test_global_batch_negatives_when_sharded():
+    mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+    im, s = unit(jax.random.key(10), (16, 8)), unit(jax.random.key(11), (16, 8))
+    sharding = NamedSharding(mesh, PartitionSpec("data"))
+    fn = jax.jit(lambda a, b: losses.vse_hinge_loss(a, b, max_violation=True))
+    sharded = fn(jax.device_put(im, sharding), jax.device_put(s, sharding))
+    np.testing.assert_allclose(sharded, fn(im, s), rtol=1e-5)
+
+
+def test_bfloat16_inputs():
+    im, s = unit(jax.random.key(12), (4, 8)), unit(jax.random.key(13), (4, 8))
+    out = losses.vse_hinge_loss(im.astype(jnp.bfloat16), s.astype(jnp.bfloat16))
+    chex.assert_shape(out, ())
+    np.testing.assert_allclose(float(out), float(losses.vse_hinge_loss(im, s)), rtol=5e-2)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(images=jnp.ones((4, 3)), captions=jnp.ones((5, 3))), "same number"),
+        (dict(images=jnp.ones((4, 3)), captions=jnp.ones((4, 2))), "embedding size"),
+        (dict(images=jnp.ones((4,)), captions=jnp.ones((4, 3))), "`images`"),
+        (dict(images=jnp.ones((4, 3), int), captions=jnp.ones((4, 3))), "floating"),
+        (dict(measure="l2"), "`measure`"),
+        (dict(reduction="max"), "`reduction`"),
+        (dict(margin=-1.0), "`margin`"),
+        (dict(top_k=2), "`top_k`"),
+        (dict(max_violation=True, top_k=0), "`top_k`"),
+        (dict(max_violation=1.5), "`max_violation`"),
+        (dict(positives=jnp.ones((3, 3), bool)), "`positives`"),
+        (dict(positives=jnp.ones((4, 4))), "boolean"),
+    ],
+)
+def test_bad_input_is_named(kwargs, match):
+    args = dict(images=jnp.ones((4, 3)), captions=jnp.ones((4, 3)))
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        losses.vse_hinge_loss(**args)
