@@ -1,0 +1,69 @@
+"""Datasets and input pipelines: tfds builders (read without TensorFlow), grain loaders.
+
+Builders register with tensorflow-datasets on import of their module:
+``vse_precomp`` (:mod:`jaxeff.data.precomp`), ``flickr30k``
+(:mod:`jaxeff.data.flickr30k`) and ``jaxeff_shapes`` (:mod:`jaxeff.data.shapes_builder`).
+"""
+
+from jaxeff.data.coco import COCO_SPLITS, coco_captions_source
+from jaxeff.data.flickr30k import Flickr30k, Flickr30kConfig, build_flickr30k, load_karpathy_json
+from jaxeff.data.pipeline import (
+    CAPTIONS_PER_IMAGE,
+    CaptionPairs,
+    batches_per_epoch,
+    caption_texts,
+    eval_caption_batches,
+    eval_image_batches,
+    to_float_image,
+    training_batches,
+)
+from jaxeff.data.precomp import PrecompConfig, VsePrecomp, build_precomp, load_precomp_split
+from jaxeff.data.shapes import ShapesData, generate_shapes, scene_ids, split_seed
+from jaxeff.data.shapes_builder import JaxeffShapes, ShapesConfig, build_shapes, shapes_config
+from jaxeff.data.vocab import (
+    END_ID,
+    PAD_ID,
+    SPECIAL_TOKENS,
+    START_ID,
+    UNK_ID,
+    Vocabulary,
+    build_vocabulary,
+    tokenize,
+)
+
+__all__ = [
+    "CAPTIONS_PER_IMAGE",
+    "COCO_SPLITS",
+    "CaptionPairs",
+    "END_ID",
+    "Flickr30k",
+    "Flickr30kConfig",
+    "JaxeffShapes",
+    "PAD_ID",
+    "PrecompConfig",
+    "SPECIAL_TOKENS",
+    "START_ID",
+    "ShapesConfig",
+    "ShapesData",
+    "UNK_ID",
+    "Vocabulary",
+    "VsePrecomp",
+    "batches_per_epoch",
+    "build_flickr30k",
+    "build_precomp",
+    "build_shapes",
+    "build_vocabulary",
+    "caption_texts",
+    "coco_captions_source",
+    "eval_caption_batches",
+    "eval_image_batches",
+    "generate_shapes",
+    "load_karpathy_json",
+    "load_precomp_split",
+    "scene_ids",
+    "shapes_config",
+    "split_seed",
+    "to_float_image",
+    "tokenize",
+    "training_batches",
+]

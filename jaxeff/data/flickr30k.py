@@ -1,0 +1,233 @@
+"""tfds builder for raw Flickr30K images with the Karpathy splits used by VSE++.
+
+Faghri et al., "VSE++: Improving Visual-Semantic Embeddings with Hard Negatives",
+BMVC 2018, https://arxiv.org/abs/1707.05612 trains and evaluates on the splits of
+Karpathy and Fei-Fei (2015): 29,000 train, 1,014 val and 1,000 test images, 5 captions
+each. tfds has no Flickr30K builder; this one reads, from the manual dir,
+
+* ``dataset_flickr30k.json``: ``{"images": [{"filename", "split", "sentences":
+  [{"raw": ...}, ...], ...}, ...]}`` with ``split`` in train / val / test (/ restval);
+* the JPEG files, in ``flickr30k-images/`` or directly in the manual dir.
+
+Each record is one image: ``image`` (encoded JPEG, decoded to uint8 ``(H, W, 3)`` on
+read), ``captions`` (its first 5 sentences), ``image_id`` (its position in the split, in
+JSON order), ``group`` (equal to ``image_id``) and ``filename``. Splits are ``train``,
+``dev`` (Karpathy val) and ``test``; config ``karpathy_restval`` adds the ``restval``
+images to train.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import numpy as np
+import tensorflow_datasets as tfds
+from etils import epath
+
+__all__ = ["Flickr30k", "Flickr30kConfig", "build_flickr30k", "load_karpathy_json"]
+
+CAPTIONS_PER_IMAGE = 5
+ANNOTATIONS_FILE = "dataset_flickr30k.json"
+IMAGES_FOLDER = "flickr30k-images"
+
+_CITATION = """\
+@article{young2014image,
+  title={From image descriptions to visual denotations},
+  author={Young, Peter and Lai, Alice and Hodosh, Micah and Hockenmaier, Julia},
+  journal={Transactions of the Association for Computational Linguistics},
+  volume={2}, pages={67--78}, year={2014}
+}
+@inproceedings{karpathy2015deep,
+  title={Deep visual-semantic alignments for generating image descriptions},
+  author={Karpathy, Andrej and Fei-Fei, Li},
+  booktitle={CVPR}, year={2015}
+}
+"""
+
+
+def load_karpathy_json(path: epath.PathLike) -> list[dict]:
+    """Reads and checks a Karpathy split file (``dataset_<name>.json``).
+
+    Args:
+      path: the JSON file.
+
+    Returns:
+      The ``images`` entries in file order, each with at least ``filename`` (str),
+      ``split`` (str) and ``captions`` (the first 5 ``sentences[k]["raw"]``, stripped).
+
+    Raises:
+      FileNotFoundError: ``path`` does not exist.
+      ValueError: naming the file and entry, when the JSON does not have that layout or an
+        image has fewer than 5 sentences.
+    """
+    path = epath.Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"Karpathy split file {os.fspath(path)!r} does not exist.")
+    try:
+        content = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{os.fspath(path)!r} is not valid JSON: {e}") from None
+    if not isinstance(content, dict) or not isinstance(content.get("images"), list):
+        raise ValueError(f'{os.fspath(path)!r} must be a JSON object with an "images" list.')
+    entries = []
+    for k, image in enumerate(content["images"]):
+        where = f'{os.fspath(path)!r}, "images"[{k}]'
+        if not (
+            isinstance(image, dict)
+            and isinstance(image.get("filename"), str)
+            and isinstance(image.get("split"), str)
+            and isinstance(image.get("sentences"), list)
+        ):
+            raise ValueError(f'{where} needs a str "filename", a str "split", a "sentences" list.')
+        raws = [s.get("raw") if isinstance(s, dict) else None for s in image["sentences"]]
+        if len(raws) < CAPTIONS_PER_IMAGE or not all(
+            isinstance(r, str) for r in raws[:CAPTIONS_PER_IMAGE]
+        ):
+            raise ValueError(
+                f"{where} ({image['filename']}) needs at least {CAPTIONS_PER_IMAGE} sentences "
+                f'with a str "raw", got {len(raws)} sentences.'
+            )
+        captions = [r.strip() for r in raws[:CAPTIONS_PER_IMAGE]]
+        entries.append({**image, "captions": captions})
+    return entries
+
+
+@dataclasses.dataclass(eq=False)
+class Flickr30kConfig(tfds.core.BuilderConfig):
+    """Config of the Flickr30K builder.
+
+    Attributes:
+      train_splits: the Karpathy splits that form ``train``.
+    """
+
+    train_splits: tuple[str, ...] = ("train",)
+
+
+class Flickr30k(tfds.core.GeneratorBasedBuilder):
+    """Flickr30K JPEG images and captions, one record per image, Karpathy splits.
+
+    Usage::
+
+      builder = Flickr30k(manual_dir="/data/flickr30k", data_dir=tmp)
+      builder.download_and_prepare()
+      test = builder.as_data_source("test")  # test[i]["image"]: uint8 (H, W, 3)
+    """
+
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "Initial release."}
+    # tfds derives this path through `importlib_resources`, which it does not install.
+    code_path = epath.Path(__file__)
+    BUILDER_CONFIGS = [
+        Flickr30kConfig(name="karpathy", description="train = Karpathy train."),
+        Flickr30kConfig(
+            name="karpathy_restval",
+            train_splits=("train", "restval"),
+            description="train = Karpathy train + restval.",
+        ),
+    ]
+    MANUAL_DOWNLOAD_INSTRUCTIONS = f"""\
+    Put {ANNOTATIONS_FILE} (from Karpathy's caption_datasets.zip) in the manual dir, and
+    the Flickr30K JPEG files in its {IMAGES_FOLDER}/ subfolder (or next to the JSON).
+    """
+
+    def __init__(
+        self,
+        *,
+        manual_dir: epath.PathLike | None = None,
+        file_format: str = "array_record",
+        **kwargs,
+    ):
+        """Creates the builder.
+
+        Args:
+          manual_dir: folder with the JSON and images; overrides the download config's
+            ``manual_dir`` when given.
+          file_format: record format; ``"array_record"`` allows random access.
+          **kwargs: ``config``, ``data_dir``, ``version`` as in ``tfds.core.DatasetBuilder``.
+        """
+        self._manual_root = None if manual_dir is None else epath.Path(manual_dir)
+        super().__init__(file_format=file_format, **kwargs)
+        self._original_state.update(manual_dir=manual_dir, file_format=file_format)
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description="Flickr30K images with 5 captions each, Karpathy splits.",
+            features=tfds.features.FeaturesDict(
+                {
+                    "image": tfds.features.Image(encoding_format="jpeg"),
+                    "captions": tfds.features.Sequence(
+                        tfds.features.Text(), length=CAPTIONS_PER_IMAGE
+                    ),
+                    "image_id": np.int64,
+                    "group": np.int64,
+                    "filename": tfds.features.Text(),
+                }
+            ),
+            homepage="https://shannon.cs.illinois.edu/DenotationGraph/",
+            citation=_CITATION,
+            disable_shuffling=True,
+        )
+
+    def _split_generators(self, dl_manager):
+        root = self._manual_root if self._manual_root is not None else dl_manager.manual_dir
+        entries = load_karpathy_json(root / ANNOTATIONS_FILE)
+        images_dir = root / IMAGES_FOLDER if (root / IMAGES_FOLDER).is_dir() else root
+        karpathy = {"train": self.builder_config.train_splits, "dev": ("val",), "test": ("test",)}
+        generators = {}
+        for split, sources in karpathy.items():
+            selected = [e for e in entries if e["split"] in sources]
+            if not selected:
+                if split == "train":
+                    raise ValueError(
+                        f"{os.fspath(root / ANNOTATIONS_FILE)!r} has no image with split in "
+                        f"{sources}."
+                    )
+                continue
+            paths = [images_dir / e["filename"] for e in selected]
+            missing = [p for p in paths if not p.exists()]
+            if missing:
+                raise FileNotFoundError(
+                    f"{len(missing)} image files of split {split!r} are missing, e.g. "
+                    f"{os.fspath(missing[0])!r}."
+                )
+            generators[split] = self._generate_examples(selected, paths)
+        return generators
+
+    def _generate_examples(self, entries: list[dict], paths: list[epath.Path]):
+        for i, (entry, path) in enumerate(zip(entries, paths, strict=True)):
+            yield (
+                i,
+                {
+                    "image": os.fspath(path),
+                    "captions": entry["captions"],
+                    "image_id": i,
+                    "group": i,
+                    "filename": entry["filename"],
+                },
+            )
+
+
+def build_flickr30k(
+    manual_dir: epath.PathLike, data_dir: epath.PathLike, *, restval: bool = False
+) -> Flickr30k:
+    """Prepares (once) and returns the raw-image Flickr30K builder.
+
+    Args:
+      manual_dir: folder with ``dataset_flickr30k.json`` and the images.
+      data_dir: where tfds writes the prepared dataset.
+      restval: add the Karpathy ``restval`` images to ``train``.
+
+    Returns:
+      The prepared :class:`Flickr30k`; ``builder.as_data_source(split)`` gives the records.
+    """
+    if not epath.Path(manual_dir).is_dir():
+        raise FileNotFoundError(f"manual_dir {os.fspath(manual_dir)!r} is not a directory.")
+    config = "karpathy_restval" if restval else "karpathy"
+    builder = Flickr30k(config=config, data_dir=data_dir, manual_dir=manual_dir)
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir=os.fspath(manual_dir))
+    )
+    return builder

@@ -1,0 +1,424 @@
+"""grain input pipelines for image-caption retrieval (VSE++).
+
+Faghri et al., "VSE++: Improving Visual-Semantic Embeddings with Hard Negatives",
+BMVC 2018, https://arxiv.org/abs/1707.05612.
+
+Every function here takes a *source*: any random-access sequence (``len`` and
+``source[i]``) of image-level records ``{"image", "captions" (5), "image_id", "group"}``,
+such as ``builder.as_data_source(split)`` of :mod:`jaxeff.data.precomp` or
+:mod:`jaxeff.data.flickr30k`, :func:`jaxeff.data.coco.coco_captions_source`, or a list.
+Like the reference loader, training walks over the ``5 N`` image-caption pairs
+(pair ``i`` = image ``i // 5`` with caption ``i % 5``).
+
+Batches are dicts of numpy arrays with fixed shapes, so a jitted step never recompiles:
+
+* ``image``: float32 ``(B, ...)``; ``tokens``: int32 ``(B, max_length)``;
+  ``lengths``: int32 ``(B,)`` (real tokens, ``<start>`` and ``<end>`` included);
+  ``image_id``: int32 ``(B,)``; ``group``: int32 ``(B,)`` (training batches);
+* evaluation batches also carry ``mask``: bool ``(B,)``, false on the rows that pad the
+  last batch (copies of its first row, so they are finite).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import operator
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import grain
+import numpy as np
+from PIL import Image
+
+from jaxeff.data.vocab import Vocabulary
+
+__all__ = [
+    "CAPTIONS_PER_IMAGE",
+    "CaptionPairs",
+    "batches_per_epoch",
+    "caption_texts",
+    "eval_caption_batches",
+    "eval_image_batches",
+    "to_float_image",
+    "training_batches",
+]
+
+CAPTIONS_PER_IMAGE = 5
+_DEFAULT_READ_OPTIONS = grain.ReadOptions(num_threads=4, prefetch_buffer_size=8)
+
+ImageFn = Callable[[Any], np.ndarray]
+
+
+def _text(caption: str | bytes) -> str:
+    return caption.decode("utf-8") if isinstance(caption, bytes) else str(caption)
+
+
+def _check_source(source) -> int:
+    if not (hasattr(source, "__len__") and hasattr(source, "__getitem__")):
+        raise ValueError(
+            f"source must be a random-access sequence of records (len and []), got "
+            f"{type(source).__name__}."
+        )
+    if len(source) == 0:
+        raise ValueError("source is empty.")
+    return len(source)
+
+
+def _read(source, indices: Sequence[int]) -> list[dict]:
+    """Records ``source[i]`` for ``indices``, batched when the source supports it."""
+    indices = [int(i) for i in indices]
+    getitems = getattr(source, "__getitems__", None)
+    records = getitems(indices) if getitems is not None else [source[i] for i in indices]
+    for i, record in zip(indices, records, strict=True):
+        if len(record["captions"]) != CAPTIONS_PER_IMAGE:
+            raise ValueError(
+                f"source[{i}] has {len(record['captions'])} captions, expected "
+                f"{CAPTIONS_PER_IMAGE}."
+            )
+    return records
+
+
+def _iter_records(source, chunk: int = 256):
+    """Yields every record of ``source`` in order, reading ``chunk`` at a time."""
+    n = len(source)
+    for start in range(0, n, chunk):
+        yield from _read(source, range(start, min(n, start + chunk)))
+
+
+def to_float_image(image) -> np.ndarray:
+    """Default image preprocessing: raw images to float32 in [0, 1], features unchanged.
+
+    Args:
+      image: encoded image bytes (JPEG, PNG, ...), a uint8 ``(H, W, C)`` array, or a float
+        array (e.g. precomputed CNN features).
+
+    Returns:
+      float32 array: uint8 pixels divided by 255 (decoded bytes are RGB), floats cast.
+    """
+    if isinstance(image, bytes):
+        with Image.open(io.BytesIO(image)) as decoded:
+            image = np.asarray(decoded.convert("RGB"))
+    image = np.asarray(image)
+    if image.dtype == np.uint8:
+        return image.astype(np.float32) / np.float32(255)
+    if np.issubdtype(image.dtype, np.floating):
+        return image.astype(np.float32, copy=False)
+    raise ValueError(f"image must be bytes, uint8 or float, got dtype {image.dtype}.")
+
+
+class CaptionPairs:
+    """Random-access view of ``N`` image records as ``5 N`` image-caption pairs.
+
+    ``pairs[i]`` is ``{"image", "caption", "image_id", "group"}`` for image ``i // 5`` and
+    its caption ``i % 5``, the indexing of the VSE++ reference data loader.
+
+    Args:
+      source: random-access sequence of image-level records.
+    """
+
+    def __init__(self, source):
+        self._num_images = _check_source(source)
+        self.source = source
+
+    def __len__(self) -> int:
+        return CAPTIONS_PER_IMAGE * self._num_images
+
+    def __getitem__(self, index: int) -> dict:
+        index = operator.index(index)
+        if not 0 <= index < len(self):
+            raise IndexError(f"pair index {index} out of range [0, {len(self)}).")
+        image, caption = divmod(index, CAPTIONS_PER_IMAGE)
+        record = _read(self.source, [image])[0]
+        return {
+            "image": record["image"],
+            "caption": _text(record["captions"][caption]),
+            "image_id": int(record["image_id"]),
+            "group": int(record["group"]),
+        }
+
+
+def caption_texts(source) -> list[str]:
+    """All captions of ``source`` in pair order (caption ``5 * image + j``), as str.
+
+    Reads every record once; use it for :func:`jaxeff.data.build_vocabulary` on the
+    training split.
+    """
+    _check_source(source)
+    return [_text(c) for record in _iter_records(source) for c in record["captions"]]
+
+
+@dataclasses.dataclass(frozen=True)
+class _PairBatch:
+    """Pair indices ``(B,)`` -> a training batch dict."""
+
+    source: Any
+    vocab: Vocabulary
+    max_length: int
+    image_fn: ImageFn
+
+    def __call__(self, pairs: np.ndarray) -> dict[str, np.ndarray]:
+        images, captions = np.divmod(np.asarray(pairs).reshape(-1), CAPTIONS_PER_IMAGE)
+        unique = np.unique(images)
+        by_index = dict(zip(unique.tolist(), _read(self.source, unique), strict=True))
+        records = [by_index[i] for i in images.tolist()]
+        tokens, lengths = self.vocab.encode_batch(
+            [r["captions"][c] for r, c in zip(records, captions.tolist(), strict=True)],
+            max_length=self.max_length,
+        )
+        return {
+            "image": np.stack([self.image_fn(r["image"]) for r in records]),
+            "tokens": tokens,
+            "lengths": lengths,
+            "image_id": np.array([r["image_id"] for r in records], dtype=np.int32),
+            "group": np.array([r["group"] for r in records], dtype=np.int32),
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class _PickFromGroup:
+    """Group members -> ``group_size`` random distinct members, one random caption each."""
+
+    group_size: int
+
+    def __call__(self, members: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        chosen = rng.choice(members, size=self.group_size, replace=False)
+        return CAPTIONS_PER_IMAGE * chosen + rng.integers(0, CAPTIONS_PER_IMAGE, self.group_size)
+
+
+def _group_members(source, groups, group_size: int) -> list[np.ndarray]:
+    n = len(source)
+    if groups is None:
+        groups = [int(r["group"]) for r in _iter_records(source)]
+    groups = np.asarray(groups)
+    if groups.shape != (n,) or not np.issubdtype(groups.dtype, np.integer):
+        raise ValueError(
+            f"groups must be {n} integers (one per image), got shape {groups.shape} and dtype "
+            f"{groups.dtype}."
+        )
+    values, inverse, counts = np.unique(groups, return_inverse=True, return_counts=True)
+    if counts.min() < group_size:
+        small = values[counts < group_size]
+        raise ValueError(
+            f"group_size={group_size} but {len(small)} groups have fewer images, e.g. group "
+            f"{small[0]} has {counts[counts < group_size][0]}."
+        )
+    order = np.argsort(inverse, kind="stable")
+    return np.split(order, np.cumsum(counts)[:-1])
+
+
+def _check_batching(batch_size: int, group_size: int | None, shard_count: int, shard_index: int):
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}.")
+    if group_size is not None and (group_size < 1 or batch_size % group_size):
+        raise ValueError(
+            f"group_size must be a positive divisor of batch_size={batch_size}, got {group_size}."
+        )
+    if shard_count < 1 or batch_size % shard_count:
+        raise ValueError(
+            f"shard_count must be a positive divisor of batch_size={batch_size}, got {shard_count}."
+        )
+    if not 0 <= shard_index < shard_count:
+        raise ValueError(f"shard_index must be in [0, {shard_count}), got {shard_index}.")
+
+
+def _epoch_plan(source, *, batch_size, seed, group_size, groups) -> grain.MapDataset:
+    """One epoch of global batches of pair indices, ``(batch_size,)`` int arrays."""
+    n = _check_source(source)
+    _check_batching(batch_size, group_size, 1, 0)
+    if not 0 <= seed < 2**32:
+        raise ValueError(f"seed must be in [0, 2**32), got {seed}.")
+    if group_size is None:
+        plan = grain.MapDataset.range(CAPTIONS_PER_IMAGE * n).seed(seed).shuffle()
+        plan = plan.batch(batch_size, drop_remainder=True)
+    else:
+        members = _group_members(source, groups, group_size)
+        plan = grain.MapDataset.source(members).seed(seed).shuffle()
+        plan = plan.random_map(_PickFromGroup(group_size))
+        plan = plan.batch(batch_size // group_size, drop_remainder=True, batch_fn=np.concatenate)
+    if len(plan) == 0:
+        raise ValueError(
+            f"batch_size={batch_size} leaves no full batch in an epoch of {n} images "
+            f"({'pairs' if group_size is None else 'groups of ' + str(group_size)})."
+        )
+    return plan
+
+
+def batches_per_epoch(source, *, batch_size: int, group_size: int | None = None, groups=None):
+    """Number of training batches per epoch of :func:`training_batches` (same arguments)."""
+    return len(
+        _epoch_plan(source, batch_size=batch_size, seed=0, group_size=group_size, groups=groups)
+    )
+
+
+def training_batches(
+    source,
+    vocab: Vocabulary,
+    *,
+    batch_size: int,
+    max_length: int,
+    seed: int,
+    group_size: int | None = None,
+    groups: Sequence[int] | np.ndarray | None = None,
+    num_epochs: int | None = None,
+    image_fn: ImageFn = to_float_image,
+    shard_index: int = 0,
+    shard_count: int = 1,
+    read_options: grain.ReadOptions | None = None,
+) -> grain.IterDataset:
+    """Shuffled, fixed-shape training batches of image-caption pairs.
+
+    Without ``group_size``, each epoch is a fresh permutation (from ``seed`` and the epoch)
+    of the ``5 N`` pairs cut into ``5 N // batch_size`` batches, as in the VSE++ reference.
+    With ``group_size``, each epoch shuffles the groups (records with equal ``group``) and
+    each batch takes ``batch_size // group_size`` distinct groups and ``group_size`` distinct
+    random images of each, every image with one random caption; so near-duplicates meet as
+    each other's hard negatives. Groups larger than ``group_size`` show a new random subset
+    every epoch.
+
+    The order is a pure function of ``seed``: iterating ``iter(ds)`` and restoring its
+    ``get_state()`` (a small JSON-serialisable dict) with ``set_state`` in a fresh iterator
+    continues with the same batches.
+
+    Args:
+      source: random-access image-level records (see the module docstring).
+      vocab: tokenizes the captions.
+      batch_size: global batch size ``B``.
+      max_length: token columns; longer captions are cut, keeping ``<end>``.
+      seed: shuffling seed.
+      group_size: optional number of images per group in a batch (divides ``B``).
+      groups: optional ``(N,)`` group of each image, instead of reading every record's
+        ``group`` (which decodes raw images).
+      num_epochs: epochs to produce, ``None`` for endless.
+      image_fn: record ``image`` -> float32 array of one fixed shape; default
+        :func:`to_float_image` (raw images of different sizes need a resizing function).
+      shard_index: this process's slice of each global batch ...
+      shard_count: ... out of this many equal slices (e.g. ``jax.process_index()`` and
+        ``jax.process_count()``); every process must use the same ``seed``.
+      read_options: grain thread prefetching; default 4 threads, 8 batches ahead.
+
+    Returns:
+      A ``grain.IterDataset`` of dicts ``image``, ``tokens``, ``lengths``, ``image_id``,
+      ``group``, each with ``B // shard_count`` rows.
+    """
+    if not isinstance(vocab, Vocabulary):
+        raise ValueError(f"vocab must be a Vocabulary, got {type(vocab).__name__}.")
+    _check_batching(batch_size, group_size, shard_count, shard_index)
+    if max_length < 2:
+        raise ValueError(f"max_length must be at least 2 (<start> and <end>), got {max_length}.")
+    if num_epochs is not None and num_epochs < 1:
+        raise ValueError(f"num_epochs must be positive or None, got {num_epochs}.")
+    plan = _epoch_plan(
+        source, batch_size=batch_size, seed=seed, group_size=group_size, groups=groups
+    ).repeat(num_epochs)
+    if shard_count > 1:
+        size = batch_size // shard_count
+        plan = plan.map(operator.itemgetter(slice(shard_index * size, (shard_index + 1) * size)))
+    batches = plan.map(_PairBatch(source, vocab, max_length, image_fn))
+    return batches.to_iter_dataset(read_options or _DEFAULT_READ_OPTIONS)
+
+
+def _pad_rows(num_rows: int, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Row selection padding ``num_rows`` rows to ``batch_size`` with row 0, and the mask."""
+    mask = np.arange(batch_size) < num_rows
+    return np.where(mask, np.arange(batch_size), 0), mask
+
+
+@dataclasses.dataclass(frozen=True)
+class _ImageBatch:
+    source: Any
+    batch_size: int
+    image_fn: ImageFn
+
+    def __call__(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+        records = _read(self.source, np.asarray(indices).reshape(-1))
+        take, mask = _pad_rows(len(records), self.batch_size)
+        images = np.stack([self.image_fn(r["image"]) for r in records])
+        ids = np.array([r["image_id"] for r in records], dtype=np.int32)
+        return {"image": images[take], "image_id": ids[take], "mask": mask}
+
+
+def eval_image_batches(
+    source,
+    *,
+    batch_size: int,
+    image_fn: ImageFn = to_float_image,
+    read_options: grain.ReadOptions | None = None,
+) -> grain.IterDataset:
+    """All images of ``source`` in order, in ``ceil(N / batch_size)`` fixed-size batches.
+
+    Args:
+      source: random-access image-level records.
+      batch_size: rows per batch; the last batch is padded and flagged by ``mask``.
+      image_fn: record ``image`` -> float32 array of one fixed shape; default
+        :func:`to_float_image`.
+      read_options: grain thread prefetching; default 4 threads, 8 batches ahead.
+
+    Returns:
+      A ``grain.IterDataset`` (iterate it once per evaluation) of dicts ``image``,
+      ``image_id``, ``mask``. Concatenating the ``image`` rows where ``mask`` holds gives
+      the ``N`` images in source order.
+    """
+    n = _check_source(source)
+    _check_batching(batch_size, None, 1, 0)
+    batches = grain.MapDataset.range(n).batch(batch_size)
+    batches = batches.map(_ImageBatch(source, batch_size, image_fn))
+    return batches.to_iter_dataset(read_options or _DEFAULT_READ_OPTIONS)
+
+
+@dataclasses.dataclass(frozen=True)
+class _CaptionBatch:
+    tokens: np.ndarray
+    lengths: np.ndarray
+    image_ids: np.ndarray
+    batch_size: int
+
+    def __call__(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+        indices = np.asarray(indices).reshape(-1)
+        take, mask = _pad_rows(len(indices), self.batch_size)
+        rows = indices[take]
+        return {
+            "tokens": self.tokens[rows],
+            "lengths": self.lengths[rows],
+            "image_id": self.image_ids[rows],
+            "mask": mask,
+        }
+
+
+def eval_caption_batches(
+    source,
+    vocab: Vocabulary,
+    *,
+    batch_size: int,
+    max_length: int,
+    read_options: grain.ReadOptions | None = None,
+) -> grain.IterDataset:
+    """All ``5 N`` captions of ``source`` in order (caption ``5 * image + j``), batched.
+
+    The captions are read and tokenized once, when this is called; the batches are then
+    slices of the resulting arrays.
+
+    Args:
+      source: random-access image-level records.
+      vocab: tokenizes the captions.
+      batch_size: rows per batch; the last batch is padded and flagged by ``mask``.
+      max_length: token columns; longer captions are cut, keeping ``<end>``.
+      read_options: grain thread prefetching; default 4 threads, 8 batches ahead.
+
+    Returns:
+      A ``grain.IterDataset`` of dicts ``tokens``, ``lengths``, ``image_id``, ``mask``, in
+      ``ceil(5 N / batch_size)`` batches.
+    """
+    if not isinstance(vocab, Vocabulary):
+        raise ValueError(f"vocab must be a Vocabulary, got {type(vocab).__name__}.")
+    n = _check_source(source)
+    _check_batching(batch_size, None, 1, 0)
+    captions, image_ids = [], np.empty((n,), np.int32)
+    for i, record in enumerate(_iter_records(source)):
+        captions.extend(record["captions"])
+        image_ids[i] = record["image_id"]
+    tokens, lengths = vocab.encode_batch(captions, max_length=max_length)
+    image_ids = np.repeat(image_ids, CAPTIONS_PER_IMAGE)
+    batch = _CaptionBatch(tokens, lengths, image_ids, batch_size)
+    batches = grain.MapDataset.range(CAPTIONS_PER_IMAGE * n).batch(batch_size).map(batch)
+    return batches.to_iter_dataset(read_options or _DEFAULT_READ_OPTIONS)
