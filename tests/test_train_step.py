@@ -1,0 +1,223 @@
+"""Tests for jaxeff.train.step: train state, jitted update step, NaN detection."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from jaxeff.train import (
+    RESERVED_METRICS,
+    TrainState,
+    check_finite,
+    create_train_state,
+    make_train_step,
+    merge_model,
+)
+
+
+class MLP(nnx.Module):
+    def __init__(self, rngs, din=3, dhidden=8, dout=2, batch_norm=False, dropout=0.0):
+        self.fc1 = nnx.Linear(din, dhidden, rngs=rngs)
+        self.bn = nnx.BatchNorm(dhidden, rngs=rngs) if batch_norm else None
+        self.drop = nnx.Dropout(dropout, rngs=rngs) if dropout else None
+        self.fc2 = nnx.Linear(dhidden, dout, rngs=rngs)
+
+    def __call__(self, x):
+        h = self.fc1(x)
+        if self.bn is not None:
+            h = self.bn(h)
+        h = jax.nn.relu(h)
+        if self.drop is not None:
+            h = self.drop(h)
+        return self.fc2(h)
+
+
+def mse_loss(model, batch, hparams):
+    err = jnp.mean((model(batch["x"]) - batch["y"]) ** 2)
+    return hparams["weight"] * err, {"mse": err}
+
+
+def make_batch(seed, n=16):
+    rng = np.random.default_rng(seed)
+    return {
+        "x": rng.normal(size=(n, 3)).astype(np.float32),
+        "y": rng.normal(size=(n, 2)).astype(np.float32),
+    }
+
+
+def make_tx():
+    return optax.chain(optax.clip_by_global_norm(0.5), optax.adam(1e-2))
+
+
+def tree_allclose(a, b, **kw):
+    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+    assert len(la) == len(lb)
+    for x, y in zip(la, lb, strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), **kw)
+
+
+def test_create_train_state_splits_params_and_other_variables():
+    model = MLP(nnx.Rngs(0), batch_norm=True)
+    graphdef, state = create_train_state(model, make_tx())
+    assert isinstance(state, TrainState)
+    assert int(state.step) == 0
+    assert set(state.params.keys()) == {"fc1", "fc2", "bn"}
+    assert set(state.params["bn"].keys()) == {"scale", "bias"}
+    assert set(state.model_state["bn"].keys()) == {"mean", "var"}
+    rebuilt = merge_model(graphdef, state)
+    x = make_batch(0)["x"]
+    model.eval()
+    rebuilt.eval()
+    np.testing.assert_allclose(rebuilt(x), model(x), rtol=1e-6)
+
+
+def test_step_matches_manual_grad_and_update():
+    tx = make_tx()
+    model = MLP(nnx.Rngs(0))
+    graphdef, state = create_train_state(model, tx)
+    step = make_train_step(graphdef, mse_loss, tx, donate=False)
+
+    @jax.jit
+    def reference(params, opt_state, batch, hp):
+        def ref_loss(p):
+            return mse_loss(nnx.merge(graphdef, p), batch, hp)[0]
+
+        value, grads = jax.value_and_grad(ref_loss)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return value, grads, updates, optax.apply_updates(params, updates), opt_state
+
+    params = state.params
+    opt_state = tx.init(params)
+    for i, weight in enumerate([1.0, 0.5, 2.0]):
+        batch = make_batch(i)
+        hp = {"weight": weight}
+        ref_value, grads, updates, new_params, opt_state = reference(params, opt_state, batch, hp)
+
+        state, metrics = step(state, batch, hp)
+        assert int(state.step) == i + 1
+        tree_allclose(state.params, new_params, rtol=1e-5, atol=1e-6)
+        tree_allclose(state.opt_state, opt_state, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(metrics["loss"], ref_value, rtol=1e-6)
+        flat_g = np.concatenate([np.ravel(g) for g in jax.tree.leaves(grads)])
+        flat_p = np.concatenate([np.ravel(p) for p in jax.tree.leaves(new_params)])
+        flat_u = np.concatenate([np.ravel(u) for u in jax.tree.leaves(updates)])
+        np.testing.assert_allclose(metrics["grad_norm"], np.linalg.norm(flat_g), rtol=1e-5)
+        np.testing.assert_allclose(metrics["param_norm"], np.linalg.norm(flat_p), rtol=1e-5)
+        np.testing.assert_allclose(metrics["update_norm"], np.linalg.norm(flat_u), rtol=1e-5)
+        np.testing.assert_allclose(metrics["mse"], ref_value / weight, rtol=1e-6)
+        assert bool(metrics["finite"])
+        params = new_params
+    # Clipping at 0.5 is active: the raw gradient is larger than the clip threshold.
+    assert float(metrics["grad_norm"]) > 0.5
+
+
+def test_new_batch_and_hparams_values_do_not_recompile():
+    traces = []
+
+    def loss_fn(model, batch, hparams):
+        traces.append(1)
+        return mse_loss(model, batch, hparams)
+
+    tx = optax.sgd(0.1)
+    graphdef, state = create_train_state(MLP(nnx.Rngs(0)), tx)
+    step = make_train_step(graphdef, loss_fn, tx)
+    losses = []
+    for i, weight in enumerate([1.0, 0.0, 3.5, 0.25]):
+        state, metrics = step(state, make_batch(i), {"weight": weight})
+        losses.append(float(metrics["loss"]))
+    assert len(traces) == 1
+    assert step.jitted._cache_size() == 1
+    assert losses[1] == 0.0  # the weight really is used at run time
+    assert int(state.step) == 4
+
+
+def test_donation_consumes_input_state():
+    tx = optax.sgd(0.1)
+    graphdef, state = create_train_state(MLP(nnx.Rngs(0)), tx)
+    state = jax.device_put(state)
+    step = make_train_step(graphdef, mse_loss, tx, donate=True)
+    new_state, _ = step(state, make_batch(0), {"weight": 1.0})
+    kernel = jax.tree.leaves(state.params)[0]
+    if kernel.is_deleted():  # donation is honoured on this backend
+        assert not jax.tree.leaves(new_state.params)[0].is_deleted()
+
+
+def test_model_state_is_updated_batch_stats_and_rng():
+    tx = optax.sgd(0.1)
+    model = MLP(nnx.Rngs(0, dropout=1), batch_norm=True, dropout=0.5)
+    graphdef, state = create_train_state(model, tx)
+    step = make_train_step(graphdef, mse_loss, tx, donate=False)
+    batch = make_batch(0)
+    new_state, _ = step(state, batch, {"weight": 1.0})
+
+    # Reference: running the eager model once updates the batch stats identically.
+    ref = merge_model(graphdef, state)
+    mse_loss(ref, batch, {"weight": 1.0})
+    np.testing.assert_allclose(new_state.model_state["bn"]["mean"][...], ref.bn.mean[...],
+                               rtol=1e-6)
+    assert not np.allclose(new_state.model_state["bn"]["mean"][...], 0.0)
+    count_before = int(state.model_state["drop"]["rngs"]["count"][...])
+    count_after = int(new_state.model_state["drop"]["rngs"]["count"][...])
+    assert count_after == count_before + 1  # a fresh dropout mask next step
+
+
+def test_nan_batch_is_reported():
+    tx = optax.adam(1e-2)
+    graphdef, state = create_train_state(MLP(nnx.Rngs(0)), tx)
+    step = make_train_step(graphdef, mse_loss, tx)
+    batch = make_batch(0)
+    state, metrics = step(state, batch, {"weight": 1.0})
+    check_finite(metrics, step=1)  # finite: no error
+
+    bad = dict(batch, x=batch["x"].copy())
+    bad["x"][3, 1] = np.nan
+    state, metrics = step(state, bad, {"weight": 1.0})
+    assert not bool(metrics["finite"])
+    with pytest.raises(FloatingPointError, match=r"step 2.*loss=nan.*grad_norm=nan"):
+        check_finite(metrics, step=state.step)
+
+
+def test_infinite_gradient_with_finite_loss_is_reported():
+    def loss_fn(model, batch, hparams):
+        out = model(batch["x"])
+        return jnp.sum(jnp.sqrt(jnp.abs(out - out))), {}  # value 0, gradient inf/nan
+
+    tx = optax.sgd(0.1)
+    graphdef, state = create_train_state(MLP(nnx.Rngs(0)), tx)
+    step = make_train_step(graphdef, loss_fn, tx)
+    _, metrics = step(state, make_batch(0))
+    assert float(metrics["loss"]) == 0.0
+    assert not bool(metrics["finite"])
+    with pytest.raises(FloatingPointError, match="step 7"):
+        check_finite(metrics, 7)
+
+
+def test_bad_inputs_raise_clear_errors():
+    tx = optax.sgd(0.1)
+    graphdef, state = create_train_state(MLP(nnx.Rngs(0)), tx)
+    step = make_train_step(graphdef, mse_loss, tx, donate=False)
+    with pytest.raises(TypeError, match="hparams"):
+        step(state, make_batch(0), [1.0])
+    with pytest.raises(ValueError, match=r"hparams\['weight'\]"):
+        step(state, make_batch(0), {"weight": np.ones(2)})
+    with pytest.raises(TypeError, match="state"):
+        step(state.params, make_batch(0), {"weight": 1.0})
+
+    def clash(model, batch, hparams):
+        return mse_loss(model, batch, hparams)[0], {"grad_norm": 0.0}
+
+    with pytest.raises(ValueError, match="reserved"):
+        make_train_step(graphdef, clash, tx)(state, make_batch(0), {"weight": 1.0})
+
+    def vector_loss(model, batch, hparams):
+        return jnp.ones(3), {}
+
+    with pytest.raises(ValueError, match="scalar loss"):
+        make_train_step(graphdef, vector_loss, tx)(state, make_batch(0))
+    with pytest.raises(TypeError, match="tx"):
+        make_train_step(graphdef, mse_loss, "adam")
+    with pytest.raises(KeyError, match="finite"):
+        check_finite({"loss": 1.0}, 0)
+    assert "finite" in RESERVED_METRICS
