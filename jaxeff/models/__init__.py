@@ -1,0 +1,23 @@
+"""Flax nnx models used by the experiments.
+
+VSE++ (Faghri et al., BMVC 2018): image encoders (precomputed features or a CNN), a GRU
+caption encoder, the joint :class:`VSEModel`, and :func:`vse_model` to build one from
+config values.
+"""
+
+from jaxeff.models.image_encoders import CNNImageEncoder, PrecompImageEncoder, SmallCNN
+from jaxeff.models.layers import l2_normalize
+from jaxeff.models.text_encoder import GRU, GRUTextEncoder
+from jaxeff.models.vse import IMAGE_ENCODERS, VSEModel, vse_model
+
+__all__ = [
+    "CNNImageEncoder",
+    "GRU",
+    "GRUTextEncoder",
+    "IMAGE_ENCODERS",
+    "PrecompImageEncoder",
+    "SmallCNN",
+    "VSEModel",
+    "l2_normalize",
+    "vse_model",
+]
