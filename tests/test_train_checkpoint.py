@@ -98,8 +98,9 @@ def test_keeps_only_latest_and_best_by_metric(tmp_path):
 
 def test_keep_two_best_in_min_mode(tmp_path):
     losses = [0.9, 0.5, 0.7, 0.2, 0.8]
-    with Checkpointer(tmp_path, best_metric="loss", best_mode="min", keep_best=2,
-                      keep_latest=2) as ckpt:
+    with Checkpointer(
+        tmp_path, best_metric="loss", best_mode="min", keep_best=2, keep_latest=2
+    ) as ckpt:
         for s, v in enumerate(losses, start=1):
             ckpt.save(s, state_at(s), metrics={"loss": v})
         ckpt.wait_until_finished()

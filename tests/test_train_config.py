@@ -46,8 +46,9 @@ def test_bad_overrides_name_the_problem():
 
 def test_load_config_file_with_overrides(tmp_path):
     path = tmp_path / "default.py"
-    path.write_text(textwrap.dedent(
-        """
+    path.write_text(
+        textwrap.dedent(
+            """
         # python -m experiments.toy.main --config=default.py
         import ml_collections
 
@@ -57,7 +58,8 @@ def test_load_config_file_with_overrides(tmp_path):
           config.optim = ml_collections.ConfigDict({"lr": 2e-4, "clip": 2.0})
           return config
         """
-    ))
+        )
+    )
     config = load_config(str(path), ["num_steps=10", "optim.clip=0.5"])
     assert config.num_steps == 10 and config.optim.clip == 0.5 and config.optim.lr == 2e-4
     assert load_config(f"{path}:500").num_steps == 500

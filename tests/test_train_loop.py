@@ -29,8 +29,13 @@ def batches(start):
     position = start
     while True:
         rng = np.random.default_rng(position)
-        yield position, {"x": rng.normal(size=(16, 3)).astype(np.float32),
-                         "y": rng.normal(size=(16, 2)).astype(np.float32)}
+        yield (
+            position,
+            {
+                "x": rng.normal(size=(16, 3)).astype(np.float32),
+                "y": rng.normal(size=(16, 2)).astype(np.float32),
+            },
+        )
         position += 1
 
 
@@ -41,9 +46,13 @@ def train(workdir, num_steps, *, stop_after=None):
     tx = optax.chain(optax.clip_by_global_norm(2.0), optax.adam(sched))
     graphdef, state = jt.create_train_state(MLP(nnx.Rngs(0, dropout=1)), tx)
     state = jt.replicate(state, mesh)
-    step_fn = jt.make_train_step(graphdef, loss_fn, tx,
-                                 state_sharding=jt.replicated_sharding(mesh),
-                                 batch_sharding=jt.data_sharding(mesh))
+    step_fn = jt.make_train_step(
+        graphdef,
+        loss_fn,
+        tx,
+        state_sharding=jt.replicated_sharding(mesh),
+        batch_sharding=jt.data_sharding(mesh),
+    )
     # Checkpoint: resume from the latest one if there is one.
     ckpt = jt.Checkpointer(workdir / "ckpt", best_metric="mse", best_mode="min")
     start, extra = 0, {"data": 0}
@@ -52,8 +61,9 @@ def train(workdir, num_steps, *, stop_after=None):
         start = int(state.step)
     writer = jt.MetricWriter(workdir)
     # Loop.
-    for step, (position, batch) in zip(range(start, num_steps), batches(extra["data"]),
-                                       strict=False):
+    for step, (position, batch) in zip(
+        range(start, num_steps), batches(extra["data"]), strict=False
+    ):
         hparams = {"weight": min(1.0, 0.5 + 0.1 * step)}
         state, metrics = step_fn(state, jt.shard_batch(batch, mesh), hparams)
         jt.check_finite(metrics, step)
@@ -77,8 +87,9 @@ def test_killed_run_resumes_to_the_same_result(tmp_path):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6)
     rows_a, rows_b = jt.read_metrics(tmp_path / "a"), jt.read_metrics(tmp_path / "b")
     assert [r["step"] for r in rows_b] == [1, 2, 3, 4, 5, 6]
-    np.testing.assert_allclose([r["loss"] for r in rows_b], [r["loss"] for r in rows_a],
-                               rtol=1e-6)
+    np.testing.assert_allclose([r["loss"] for r in rows_b], [r["loss"] for r in rows_a], rtol=1e-6)
     best = int(np.argmin([r["mse"] for r in rows_a])) + 1
-    assert jt.Checkpointer(tmp_path / "b" / "ckpt", best_metric="mse", best_mode="min"
-                           ).best_step == best
+    assert (
+        jt.Checkpointer(tmp_path / "b" / "ckpt", best_metric="mse", best_mode="min").best_step
+        == best
+    )

@@ -35,13 +35,26 @@ def read_tensorboard_scalars(logdir):
 def test_write_and_read_back_json_and_tensorboard(tmp_path):
     with MetricWriter(tmp_path) as writer:
         writer.write(1, {"loss": jnp.float32(0.5), "grad_norm": np.float64(2.25), "lr": 1e-3})
-        writer.write(jnp.asarray(2), {"loss": jnp.asarray(0.25), "finite": jnp.asarray(True),
-                                      "count": np.int32(7), "phase": "mh"})
+        writer.write(
+            jnp.asarray(2),
+            {
+                "loss": jnp.asarray(0.25),
+                "finite": jnp.asarray(True),
+                "count": np.int32(7),
+                "phase": "mh",
+            },
+        )
     rows = read_metrics(tmp_path)
     assert [r["step"] for r in rows] == [1, 2]
     assert rows[0]["loss"] == 0.5 and rows[0]["grad_norm"] == 2.25 and rows[0]["lr"] == 1e-3
-    assert rows[1] == {"step": 2, "time": rows[1]["time"], "loss": 0.25, "finite": True,
-                       "count": 7, "phase": "mh"}
+    assert rows[1] == {
+        "step": 2,
+        "time": rows[1]["time"],
+        "loss": 0.25,
+        "finite": True,
+        "count": 7,
+        "phase": "mh",
+    }
     assert rows[0]["time"] <= rows[1]["time"]
     assert read_metrics(tmp_path / "metrics.jsonl") == rows
 

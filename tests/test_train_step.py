@@ -155,8 +155,9 @@ def test_model_state_is_updated_batch_stats_and_rng():
     # Reference: running the eager model once updates the batch stats identically.
     ref = merge_model(graphdef, state)
     mse_loss(ref, batch, {"weight": 1.0})
-    np.testing.assert_allclose(new_state.model_state["bn"]["mean"][...], ref.bn.mean[...],
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        new_state.model_state["bn"]["mean"][...], ref.bn.mean[...], rtol=1e-6
+    )
     assert not np.allclose(new_state.model_state["bn"]["mean"][...], 0.0)
     count_before = int(state.model_state["drop"]["rngs"]["count"][...])
     count_after = int(new_state.model_state["drop"]["rngs"]["count"][...])

@@ -1,0 +1,34 @@
+r"""Entry point: ``python -m experiments.vsepp.main --config=CONFIG --workdir=DIR``.
+
+Any config field can be overridden, e.g. ``--config.batch_size=64``. See
+``experiments/vsepp/configs/`` for VSE0, VSE++, Order0, Order++ and the generated-data
+quick configs.
+"""
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from experiments.vsepp import train
+from jaxeff import retrieval
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Training configuration.", lock_config=True
+)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    logging.set_verbosity(logging.WARNING)  # keep checkpointing chatter out of the way
+    results = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    if results:
+        table = {"dev (best)": results["dev"]}
+        if results["test"] is not None:
+            table["test"] = results["test"]
+        print(retrieval.format_table(table))
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,133 @@
+"""End-to-end VSE++ experiment on tiny data: train, resume, evaluate, quickstart."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+from _data_files import write_precomp
+
+from experiments import quickstart
+from experiments.vsepp import evaluate, train
+from experiments.vsepp.configs import default, order0, shapes
+from jaxeff import train as jt
+
+
+def tiny_shapes_config(**overrides):
+    config = shapes.get_config()
+    config.data.train_families = 16
+    config.data.dev_families = 4
+    config.data.test_families = 4
+    config.batch_size = 32
+    config.model.cnn_features = (8, 16)
+    config.model.word_dim = 16
+    config.model.embed_size = 32
+    config.num_steps = 12
+    config.loss.warmup_steps = 4
+    config.log_every = 3
+    config.eval_every = 6
+    config.checkpoint_every = 6
+    config.lr_decay_fraction = 0.0
+    config.lr_decay_epochs = 1000
+    config.learning_rate = 1e-3
+    for key, value in overrides.items():
+        node = config
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return config
+
+
+@pytest.fixture(scope="module")
+def shapes_run(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("shapes_run"))
+    config = tiny_shapes_config()
+    config.data.data_dir = os.path.join(os.path.dirname(workdir), "tfds")
+    return config, workdir, train.train_and_evaluate(config, workdir)
+
+
+def test_train_writes_metrics_checkpoints_and_results(shapes_run):
+    config, workdir, results = shapes_run
+    records = jt.read_metrics(workdir)
+    train_rows = [r for r in records if "loss" in r]
+    assert [r["step"] for r in train_rows] == [3, 6, 9, 12]
+    # SH for the first 4 steps, MH after: the logged weight follows the schedule.
+    assert [r["hard_weight"] for r in train_rows] == [0.0, 1.0, 1.0, 1.0]
+    assert all(np.isfinite(r["loss"]) and r["grad_norm"] > 0 for r in train_rows)
+    assert [r["step"] for r in results["history"]] == [6, 12]
+    assert results["best_step"] in (6, 12)
+    assert 0 < results["test"].rsum <= 600 and len(results["test"].i2t) == 5
+    saved = json.load(open(os.path.join(workdir, "results.json")))
+    assert saved["test"]["rsum"] == pytest.approx(results["test"].rsum)
+    events = os.listdir(os.path.join(workdir, "tensorboard"))
+    assert any(f.startswith("events.out.tfevents") for f in events)
+    assert os.path.exists(os.path.join(workdir, "vocab.txt"))
+
+
+def test_evaluate_entry_reproduces_test_numbers(shapes_run):
+    _, workdir, results = shapes_run
+    rows = evaluate.evaluate_run(workdir)
+    (row,) = rows.values()
+    np.testing.assert_allclose(row.rsum, results["test"].rsum, rtol=1e-6)
+    assert row.i2t == pytest.approx(results["test"].i2t)
+
+
+def test_resumed_run_matches_uninterrupted_run(shapes_run, tmp_path):
+    config, _, results = shapes_run
+    first = tiny_shapes_config(num_steps=6)
+    first.data.data_dir = config.data.data_dir
+    workdir = str(tmp_path / "resumed")
+    train.train_and_evaluate(first, workdir)  # stops (as if killed) after the step-6 save
+    resumed = train.train_and_evaluate(config, workdir)
+    np.testing.assert_allclose(resumed["test"].rsum, results["test"].rsum, rtol=1e-5)
+    losses = lambda d: {r["step"]: r["loss"] for r in jt.read_metrics(d) if "loss" in r}
+    np.testing.assert_allclose(losses(workdir)[12], losses(shapes_run[1])[12], rtol=1e-5)
+
+
+def test_precomp_order_embeddings_end_to_end(tmp_path):
+    rng = np.random.default_rng(0)
+    manual = tmp_path / "f30k_precomp"
+    for split, n in (("train", 40), ("dev", 10), ("test", 10)):
+        words = [f"w{i % 7}" for i in range(n)]
+        feats = np.eye(7, 24, dtype=np.float32)[[i % 7 for i in range(n)]]
+        feats += 0.05 * rng.normal(size=feats.shape).astype(np.float32)
+        caps = [f"a photo of {w} number {j}" for w in words for j in range(5)]
+        write_precomp(manual, split, feats, caps, per_caption=split == "train")
+    config = order0.get_config()
+    config.data.name = "f30k"
+    config.data.manual_dir = str(manual)
+    config.data.vocab_threshold = 1
+    config.model.img_dim = 24
+    config.model.word_dim = 8
+    config.model.embed_size = 16
+    config.batch_size = 24  # divisible by the 8 test devices
+    config.num_steps = 8
+    config.eval_every = 4
+    config.log_every = 4
+    config.loss.max_violation = True  # Order++
+    results = train.train_and_evaluate(config, str(tmp_path / "run"))
+    assert results["best_step"] in (4, 8) and 0 < results["test"].rsum <= 600
+    assert not results["collapsed"]
+
+
+def test_missing_precomp_dir_is_a_clear_error(tmp_path):
+    config = default.get_config()
+    with pytest.raises(ValueError, match="manual_dir"):
+        train.train_and_evaluate(config, str(tmp_path))
+
+
+def test_nan_is_reported_with_its_step(tmp_path, monkeypatch):
+    config = tiny_shapes_config(num_steps=3, learning_rate=float("nan"))
+    config.data.data_dir = str(tmp_path / "tfds")
+    with pytest.raises(FloatingPointError, match="step 2"):
+        train.train_and_evaluate(config, str(tmp_path / "nan"))
+
+
+def test_quickstart_runs_and_writes_plots(tmp_path):
+    table, gains = quickstart.main(
+        ["--workdir", str(tmp_path), "--steps", "6", "--families", "16", "--eval-families", "4"]
+    )
+    assert set(table) == {"VSE0 (SH)", "VSE++ (MH)"} and set(gains) == {"i2t", "t2i"}
+    for name in ("dev_curves.png", "test_recalls.png", "results.json"):
+        assert os.path.getsize(tmp_path / name) > 0
