@@ -69,6 +69,7 @@ def main(argv=None):
     for seed in range(args.seeds):
         for name, config in run_configs(args.steps, args.families, args.eval_families).items():
             config.seed = seed
+            config.data.data_dir = os.path.join(args.workdir, "tfds")  # built once, shared
             workdir = os.path.join(args.workdir, name.split()[0].lower(), f"seed{seed}")
             print(f"== {name}, seed {seed} -> {workdir}", flush=True)
             result = train.train_and_evaluate(config, workdir)
