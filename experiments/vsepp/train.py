@@ -270,12 +270,15 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
                 )
                 writer.write(done, summary)
                 bar.set_postfix(loss=f"{summary['loss']:.3f}")
-                if summary["hard_weight"] > 0 and summary["sim_spread"] < 1e-4:
+                spread = summary["sim_spread"]
+                if not collapsed and summary["hard_weight"] > 0 and spread < losses.COLLAPSE_SPREAD:
                     collapsed = True
                     logging.warning(
-                        "Step %d: embeddings collapsed (all similarities equal, MH loss at "
-                        "2·B·margin = %.3f). Warm up with SH (config.loss.warmup_steps).",
+                        "Step %d: embeddings collapsed: similarity spread %.2g, loss %.3f "
+                        "(MH gives 2·B·margin when all similarities are equal). Warm up with "
+                        "SH first (config.loss.warmup_steps).",
                         done,
+                        spread,
                         summary["loss"],
                     )
             if done % eval_every == 0 or done == num_steps:

@@ -1,6 +1,7 @@
 """Contrastive hinge losses with hard negatives (VSE0 / VSE++)."""
 
 from jaxeff.losses.hinge import (
+    COLLAPSE_SPREAD,
     hinge_costs,
     hinge_loss,
     is_collapsed,
@@ -14,6 +15,7 @@ from jaxeff.losses.schedules import hard_negative_schedule
 from jaxeff.losses.similarity import cosine_similarity, order_similarity, similarity_matrix
 
 __all__ = [
+    "COLLAPSE_SPREAD",
     "cosine_similarity",
     "hard_negative_schedule",
     "hinge_costs",
