@@ -87,24 +87,42 @@ def _similarity(u, v, measure):
 @functools.partial(jax.jit, static_argnames=("measure", "per_image", "chunk"))
 def _ranks(images, captions, *, measure, per_image, chunk):
     n, m = images.shape[0], captions.shape[0]
-    owner = jnp.arange(m) // per_image  # image of each caption
-    gt_t2i = _PAIR_FN[measure](images[owner], captions)  # score of each caption's image
     n_chunks = -(-n // chunk)
-    padded = jnp.pad(images, ((0, n_chunks * chunk - n), (0, 0)))
+    # Pad with rows that score NaN (cosine) or -inf (order) against everything: they never
+    # compare >= a real score, so padded images and captions never count and the hot loop
+    # needs no masks.
+    pad_image, pad_caption = (jnp.nan, jnp.nan) if measure == "cosine" else (-jnp.inf, jnp.inf)
+    images = jnp.pad(images, ((0, n_chunks * chunk - n), (0, 0)), constant_values=pad_image)
+    captions = jnp.pad(
+        captions, ((0, (n_chunks * chunk - n) * per_image), (0, 0)), constant_values=pad_caption
+    )
+    # Score of each caption with its own image (the threshold of its text→image query).
+    gt = _PAIR_FN[measure](jnp.repeat(images, per_image, axis=0), captions)
+    diag = jnp.arange(chunk)
 
     def body(t2i_counts, c):
-        rows = c * chunk + jnp.arange(chunk)
-        u = jax.lax.dynamic_slice_in_dim(padded, c * chunk, chunk)
-        s = _similarity(u, captions, measure)  # (chunk, m)
-        own = owner[None, :] == rows[:, None]
-        best = jnp.max(jnp.where(own, s, -jnp.inf), axis=1)
-        i2t = jnp.sum((s >= best[:, None]) & ~own, axis=1)
-        valid = (rows < n)[:, None] & ~own
-        t2i_counts += jnp.sum((s >= gt_t2i[None, :]) & valid, axis=0)
+        u = jax.lax.dynamic_slice_in_dim(images, c * chunk, chunk)
+        s = _similarity(u, captions, measure)  # (chunk, captions)
+        block = jax.lax.dynamic_slice_in_dim(s, c * chunk * per_image, chunk * per_image, 1)
+        own = block.reshape(chunk, chunk, per_image)[diag, diag]  # (chunk, per_image)
+        best = jnp.max(own, axis=1, keepdims=True)
+        # image→text: captions scoring >= the best own caption, minus the own ones among them.
+        i2t = jnp.sum(s >= best, axis=1) - jnp.sum(own >= best, axis=1)
+        # text→image: images scoring >= the caption's own image, minus that image itself.
+        own_gt = jax.lax.dynamic_slice_in_dim(gt, c * chunk * per_image, chunk * per_image)
+        t2i_counts += jnp.sum(s >= gt[None, :], axis=0)
+        self_count = (own >= own_gt.reshape(chunk, per_image)).reshape(-1).astype(jnp.int32)
+        t2i_counts = jax.lax.dynamic_update_slice_in_dim(
+            t2i_counts,
+            jax.lax.dynamic_slice_in_dim(t2i_counts, c * chunk * per_image, chunk * per_image)
+            - self_count,
+            c * chunk * per_image,
+            0,
+        )
         return t2i_counts, i2t
 
-    t2i, i2t = jax.lax.scan(body, jnp.zeros(m, jnp.int32), jnp.arange(n_chunks))
-    return i2t.reshape(-1)[:n], t2i
+    t2i, i2t = jax.lax.scan(body, jnp.zeros(captions.shape[0], jnp.int32), jnp.arange(n_chunks))
+    return i2t.reshape(-1)[:n], t2i[:m]
 
 
 def retrieval_ranks(
@@ -142,6 +160,7 @@ def retrieval_ranks(
     if chunk_size is None:
         per_row = m * (image_emb.shape[1] if measure == "order" else 1)
         chunk_size = int(np.clip((1 << 24) // per_row, 1, n))
+        chunk_size = -(-n // -(-n // chunk_size))  # same number of chunks, least padding
     if chunk_size < 1:
         raise ValueError(f"`chunk_size` must be positive, got {chunk_size}.")
     i2t, t2i = _ranks(
