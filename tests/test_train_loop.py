@@ -1,27 +1,12 @@
 """A whole big_vision-style train loop on 8 devices: a killed run resumes to the same result."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
+from _train_models import MLP, mse_loss
 from flax import nnx
 
 from jaxeff import train as jt
-
-
-class MLP(nnx.Module):
-    def __init__(self, rngs):
-        self.fc1 = nnx.Linear(3, 8, rngs=rngs)
-        self.drop = nnx.Dropout(0.2, rngs=rngs)
-        self.fc2 = nnx.Linear(8, 2, rngs=rngs)
-
-    def __call__(self, x):
-        return self.fc2(self.drop(jax.nn.relu(self.fc1(x))))
-
-
-def loss_fn(model, batch, hparams):
-    mse = jnp.mean((model(batch["x"]) - batch["y"]) ** 2)
-    return hparams["weight"] * mse, {"mse": mse}
 
 
 def batches(start):
@@ -44,11 +29,11 @@ def train(workdir, num_steps, *, stop_after=None):
     mesh = jt.make_mesh()
     sched = optax.piecewise_constant_schedule(1e-2, {4: 0.1})
     tx = optax.chain(optax.clip_by_global_norm(2.0), optax.adam(sched))
-    graphdef, state = jt.create_train_state(MLP(nnx.Rngs(0, dropout=1)), tx)
+    graphdef, state = jt.create_train_state(MLP(nnx.Rngs(0, dropout=1), dropout=0.2), tx)
     state = jt.replicate(state, mesh)
     step_fn = jt.make_train_step(
         graphdef,
-        loss_fn,
+        mse_loss,
         tx,
         state_sharding=jt.replicated_sharding(mesh),
         batch_sharding=jt.data_sharding(mesh),

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _train_models import MLP, make_batch, mse_loss
 from flax import nnx
 from jax.sharding import PartitionSpec
 
@@ -17,28 +18,6 @@ from jaxeff.train import (
     replicated_sharding,
     shard_batch,
 )
-
-
-class MLP(nnx.Module):
-    def __init__(self, rngs):
-        self.fc1 = nnx.Linear(3, 8, rngs=rngs)
-        self.fc2 = nnx.Linear(8, 2, rngs=rngs)
-
-    def __call__(self, x):
-        return self.fc2(jax.nn.relu(self.fc1(x)))
-
-
-def loss_fn(model, batch, hparams):
-    err = jnp.mean((model(batch["x"]) - batch["y"]) ** 2)
-    return hparams["weight"] * err, {"mse": err}
-
-
-def make_batch(seed, n=16):
-    rng = np.random.default_rng(seed)
-    return {
-        "x": rng.normal(size=(n, 3)).astype(np.float32),
-        "y": rng.normal(size=(n, 2)).astype(np.float32),
-    }
 
 
 def test_make_mesh_spans_all_devices():
@@ -92,11 +71,11 @@ def test_sharded_step_matches_single_device():
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(1e-2))
     graphdef, state = create_train_state(MLP(nnx.Rngs(0)), tx)
 
-    single = make_train_step(graphdef, loss_fn, tx, donate=False)
+    single = make_train_step(graphdef, mse_loss, tx, donate=False)
     mesh = make_mesh()
     sharded = make_train_step(
         graphdef,
-        loss_fn,
+        mse_loss,
         tx,
         state_sharding=replicated_sharding(mesh),
         batch_sharding=data_sharding(mesh),
@@ -123,4 +102,4 @@ def test_state_sharding_must_be_named():
     tx = optax.sgd(0.1)
     graphdef, _ = create_train_state(MLP(nnx.Rngs(0)), tx)
     with pytest.raises(TypeError, match="state_sharding"):
-        make_train_step(graphdef, loss_fn, tx, state_sharding="replicated")
+        make_train_step(graphdef, mse_loss, tx, state_sharding="replicated")
