@@ -10,6 +10,7 @@ from _data_files import write_precomp
 from experiments import quickstart
 from experiments.vsepp import evaluate, train
 from experiments.vsepp.configs import default, order0, shapes
+from jaxeff import retrieval
 from jaxeff import train as jt
 
 
@@ -85,17 +86,16 @@ def test_resumed_run_matches_uninterrupted_run(shapes_run, tmp_path):
     np.testing.assert_allclose(losses(workdir)[12], losses(shapes_run[1])[12], rtol=1e-5)
 
 
-def test_precomp_order_embeddings_end_to_end(tmp_path):
+def test_precomp_coco_order_embeddings_and_5_fold_evaluation(tmp_path):
     rng = np.random.default_rng(0)
-    manual = tmp_path / "f30k_precomp"
-    for split, n in (("train", 40), ("dev", 10), ("test", 10)):
+    manual = tmp_path / "coco_precomp"
+    for split, n in (("train", 40), ("dev", 10), ("test", 10), ("testall", 20)):
         words = [f"w{i % 7}" for i in range(n)]
         feats = np.eye(7, 24, dtype=np.float32)[[i % 7 for i in range(n)]]
         feats += 0.05 * rng.normal(size=feats.shape).astype(np.float32)
         caps = [f"a photo of {w} number {j}" for w in words for j in range(5)]
         write_precomp(manual, split, feats, caps, per_caption=split == "train")
     config = order0.get_config()
-    config.data.name = "f30k"
     config.data.manual_dir = str(manual)
     config.data.vocab_threshold = 1
     config.model.img_dim = 24
@@ -106,9 +106,23 @@ def test_precomp_order_embeddings_end_to_end(tmp_path):
     config.eval_every = 4
     config.log_every = 4
     config.loss.max_violation = True  # Order++
-    results = train.train_and_evaluate(config, str(tmp_path / "run"))
+    workdir = str(tmp_path / "run")
+    results = train.train_and_evaluate(config, workdir)
     assert results["best_step"] in (4, 8) and 0 < results["test"].rsum <= 600
     assert not results["collapsed"]
+
+    rows = evaluate.evaluate_run(workdir)
+    assert list(rows) == ["COCO 1K (5 folds)", "COCO 5K"]
+    config, vocab, splits, graphdef, state = evaluate.load_run(workdir)
+    ims, caps = train.make_embed_fn(graphdef, config)(state, splits["testall"], vocab)
+    folds = [
+        retrieval.evaluate(ims[4 * f : 4 * f + 4], caps[20 * f : 20 * f + 20], measure="order")
+        for f in range(5)
+    ]
+    np.testing.assert_allclose(rows["COCO 1K (5 folds)"].i2t, np.mean([r.i2t for r in folds], 0))
+    np.testing.assert_allclose(rows["COCO 1K (5 folds)"].rsum, np.mean([r.rsum for r in folds]))
+    whole = retrieval.evaluate(ims, caps, measure="order")
+    np.testing.assert_allclose(rows["COCO 5K"].t2i, whole.t2i)
 
 
 def test_missing_precomp_dir_is_a_clear_error(tmp_path):
