@@ -34,7 +34,7 @@ WORKER = textwrap.dedent(
     import optax
     from flax import nnx
     sys.path.insert(0, sys.argv[4])
-    from test_train_sharding import MLP, loss_fn, make_batch
+    from _train_models import MLP, make_batch, mse_loss as loss_fn
     from jaxeff.train import (Checkpointer, MetricWriter, check_finite, create_train_state,
                               data_sharding, make_mesh, make_train_step, replicate,
                               replicated_sharding, shard_batch)
@@ -80,11 +80,11 @@ def free_port():
 
 
 def reference(num_steps=3):
-    from test_train_sharding import MLP, loss_fn, make_batch
+    from _train_models import MLP, make_batch, mse_loss
 
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(1e-2))
     graphdef, state = create_train_state(MLP(nnx.Rngs(0)), tx)
-    step = make_train_step(graphdef, loss_fn, tx)
+    step = make_train_step(graphdef, mse_loss, tx)
     losses = []
     for i in range(num_steps):
         state, metrics = step(state, make_batch(i, n=16), {"weight": 1.0 + i})
