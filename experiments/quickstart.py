@@ -45,15 +45,6 @@ def run_configs(steps: int, families: int, eval_families: int = 125):
     return {"VSE0 (SH)": sh, "VSE++ (MH)": mh}
 
 
-def mean_result(runs: list[retrieval.RetrievalResult]) -> retrieval.RetrievalResult:
-    arr = np.mean([[*r.i2t, *r.t2i, r.rsum] for r in runs], axis=0)
-    return retrieval.RetrievalResult(
-        retrieval.RankMetrics(*map(float, arr[:5])),
-        retrieval.RankMetrics(*map(float, arr[5:10])),
-        float(arr[10]),
-    )
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", default="runs/quickstart")
@@ -78,7 +69,7 @@ def main(argv=None):
             if result["collapsed"]:
                 print(f"   warning: {name} collapsed (all similarities equal)")
 
-    table = {name: mean_result(runs) for name, runs in tests.items()}
+    table = {name: retrieval.average(runs) for name, runs in tests.items()}
     print(f"\nTest set, mean over {args.seeds} seed(s), {time.time() - start:.0f} s in all:")
     print(retrieval.format_table(table))
     sh, mh = tests["VSE0 (SH)"], tests["VSE++ (MH)"]

@@ -213,13 +213,22 @@ def evaluate(
             captions_per_image=captions_per_image,
             chunk_size=chunk_size,
         )
-        per_fold.append(rank_metrics(i2t) + rank_metrics(t2i))
-    mean = np.mean(np.asarray(per_fold), axis=0)
-    i2t, t2i = RankMetrics(*mean[:5]), RankMetrics(*mean[5:])
-    rsum = i2t.r1 + i2t.r5 + i2t.r10 + t2i.r1 + t2i.r5 + t2i.r10
-    return RetrievalResult(
-        RankMetrics(*map(float, i2t)), RankMetrics(*map(float, t2i)), float(rsum)
-    )
+        per_fold.append(_result(rank_metrics(i2t), rank_metrics(t2i)))
+    return average(per_fold)
+
+
+def _result(i2t: RankMetrics, t2i: RankMetrics) -> RetrievalResult:
+    i2t, t2i = RankMetrics(*map(float, i2t)), RankMetrics(*map(float, t2i))
+    return RetrievalResult(i2t, t2i, i2t.r1 + i2t.r5 + i2t.r10 + t2i.r1 + t2i.r5 + t2i.r10)
+
+
+def average(results) -> RetrievalResult:
+    """Mean of several results (folds, seeds), with ``rsum`` from the averaged recalls."""
+    results = list(results)
+    if not results:
+        raise ValueError("`results` must hold at least one RetrievalResult.")
+    mean = np.mean([[*r.i2t, *r.t2i] for r in results], axis=0)
+    return _result(RankMetrics(*mean[:5]), RankMetrics(*mean[5:]))
 
 
 def format_table(results: dict[str, RetrievalResult]) -> str:

@@ -116,3 +116,19 @@ def test_bad_input():
         retrieval.evaluate(images, np.ones((20, 2), np.float32))
     with pytest.raises(ValueError, match="`measure`"):
         retrieval.evaluate(images, np.ones((20, 3), np.float32), measure="dot")
+
+
+def test_average_of_folds_and_seeds():
+    rng = np.random.default_rng(3)
+    images = random_unit(rng, 12, 4).astype(np.float32)
+    captions = np.repeat(images, 5, axis=0) + 0.8 * rng.normal(size=(60, 4)).astype(np.float32)
+    folds = [
+        retrieval.evaluate(images[4 * f : 4 * f + 4], captions[20 * f : 20 * f + 20])
+        for f in range(3)
+    ]
+    mean = retrieval.average(folds)
+    assert mean == retrieval.evaluate(images, captions, folds=3)
+    np.testing.assert_allclose(mean.i2t, np.mean([r.i2t for r in folds], axis=0))
+    np.testing.assert_allclose(mean.rsum, np.mean([r.rsum for r in folds]))
+    with pytest.raises(ValueError, match="`results`"):
+        retrieval.average([])

@@ -8,6 +8,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from jaxeff import retrieval  # noqa: E402
+
 
 def plot_dev_curves(histories: dict[str, list[list[dict]]], path: str) -> None:
     """Dev R@1 (both directions) and rsum against training step, mean ± range over seeds.
@@ -50,7 +52,8 @@ def plot_test_recalls(results: dict[str, list], path: str) -> None:
     width = 0.8 / len(results)
     x = np.arange(len(labels))
     for i, (name, runs) in enumerate(results.items()):
-        values = np.mean([[*r.i2t[:3], *r.t2i[:3]] for r in runs], axis=0)
+        mean = retrieval.average(runs)
+        values = [*mean.i2t[:3], *mean.t2i[:3]]
         bars = ax.bar(x + i * width, values, width, label=name)
         ax.bar_label(bars, fmt="%.1f", fontsize=7)
     ax.set_xticks(x + width * (len(results) - 1) / 2, labels)

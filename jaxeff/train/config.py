@@ -23,9 +23,7 @@ __all__ = ["config_to_json", "load_config", "parse_config_overrides"]
 
 def _override_args(overrides: Sequence[str]) -> list[str]:
     if isinstance(overrides, str) or not isinstance(overrides, Sequence):
-        raise TypeError(
-            f"`overrides` must be a list of 'field=value' strings, got {overrides!r}."
-        )
+        raise TypeError(f"`overrides` must be a list of 'field=value' strings, got {overrides!r}.")
     args = []
     for item in overrides:
         if not isinstance(item, str) or not item:

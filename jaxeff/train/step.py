@@ -110,9 +110,7 @@ def _all_finite(tree) -> jax.Array:
 
 def _replicated_like(sharding_tree):
     """A replicated ``NamedSharding`` on the mesh of the first leaf of ``sharding_tree``."""
-    leaves = jax.tree.leaves(
-        sharding_tree, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding)
-    )
+    leaves = jax.tree.leaves(sharding_tree, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
     for leaf in leaves:
         if isinstance(leaf, jax.sharding.NamedSharding):
             return jax.sharding.NamedSharding(leaf.mesh, jax.sharding.PartitionSpec())
@@ -199,8 +197,7 @@ def make_train_step(
             out = loss_fn(model, batch, hparams)
             if not (isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], Mapping)):
                 raise TypeError(
-                    "`loss_fn` must return (loss, aux_metrics_dict), got "
-                    f"{type(out).__name__}."
+                    f"`loss_fn` must return (loss, aux_metrics_dict), got {type(out).__name__}."
                 )
             loss, aux = out
             if jnp.shape(loss) != ():
