@@ -64,6 +64,17 @@ class RetrievalResult(NamedTuple):
         out[f"{prefix}rsum"] = float(self.rsum)
         return out
 
+    @classmethod
+    def from_dict(cls, metrics: dict, prefix: str = "") -> RetrievalResult:
+        """Inverse of :meth:`as_dict` (extra keys, e.g. ``step``, are ignored)."""
+        return cls(
+            *(
+                RankMetrics(*(float(metrics[f"{prefix}{d}_{k}"]) for k in RankMetrics._fields))
+                for d in ("i2t", "t2i")
+            ),
+            float(metrics[f"{prefix}rsum"]),
+        )
+
 
 def rank_metrics(ranks) -> RankMetrics:
     """R@1/5/10, ``medr`` and ``meanr`` of 0-based ranks."""

@@ -102,6 +102,8 @@ def test_as_dict_and_table():
     result = retrieval.evaluate(images, np.repeat(images, 5, axis=0))
     d = result.as_dict(prefix="dev_")
     assert d["dev_rsum"] == 600.0 and d["dev_t2i_medr"] == 1.0 and len(d) == 11
+    again = retrieval.RetrievalResult.from_dict(d | {"step": 3}, prefix="dev_")
+    assert again == result
     table = retrieval.format_table({"VSE++": result})
     assert "VSE++" in table and "600.0" in table
 

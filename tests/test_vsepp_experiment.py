@@ -58,6 +58,7 @@ def test_train_writes_metrics_checkpoints_and_results(shapes_run):
     assert all(np.isfinite(r["loss"]) and r["grad_norm"] > 0 for r in train_rows)
     assert [r["step"] for r in results["history"]] == [6, 12]
     assert results["best_step"] in (6, 12)
+    assert results["dev"].rsum == max(r["dev_rsum"] for r in results["history"])
     assert 0 < results["test"].rsum <= 600 and len(results["test"].i2t) == 5
     saved = json.load(open(os.path.join(workdir, "results.json")))
     assert saved["test"]["rsum"] == pytest.approx(results["test"].rsum)

@@ -145,7 +145,7 @@ def make_optimizer(config, num_steps: int, steps_per_epoch: int):
 # Evaluation.
 # ----------------------------------------------------------------------------------------
 def make_embed_fn(graphdef, config):
-    """Returns ``embed(state, source) -> (image_emb (N, D), caption_emb (5N, D))``."""
+    """Returns ``embed(state, source, vocab) -> (image_emb (N, D), caption_emb (5N, D))``."""
 
     @jax.jit
     def encode_images(state, images):
@@ -258,8 +258,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
         for step in range(start, num_steps):
             batch = jt.shard_batch({k: v for k, v in next(data_iter).items() if k != "group"}, mesh)
             state, metrics = train_step(state, batch, {"hard_weight": hard_weight(step)})
-            pending.append((step + 1, metrics))
             done = step + 1
+            pending.append((done, metrics))
             if done % config.log_every == 0 or done == num_steps:
                 for logged_step, m in pending:  # the first non-finite step, if any
                     jt.check_finite(m, logged_step)
@@ -282,14 +282,11 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
                         summary["loss"],
                     )
             if done % eval_every == 0 or done == num_steps:
-                result = evaluate_split(embed, state, dev_source, vocab, config)
-                writer.write(done, result.as_dict(prefix="dev_"))
-                ckpt.save(
-                    done,
-                    state,
-                    extra={"data": data_iter.get_state()},
-                    metrics=result.as_dict(prefix="dev_"),
+                dev_metrics = evaluate_split(embed, state, dev_source, vocab, config).as_dict(
+                    "dev_"
                 )
+                writer.write(done, dev_metrics)
+                ckpt.save(done, state, extra={"data": data_iter.get_state()}, metrics=dev_metrics)
             elif done % config.checkpoint_every == 0 or ckpt.reached_preemption(done):
                 ckpt.save(done, state, extra={"data": data_iter.get_state()})
             if ckpt.reached_preemption(done):
@@ -301,14 +298,18 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
 
     # Test the best-dev checkpoint --------------------------------------------------------
     best, _ = ckpt.restore(state, which="best")
-    dev = evaluate_split(embed, best, dev_source, vocab, config)
+    history = [r for r in jt.read_metrics(workdir) if "dev_rsum" in r]
+    # The best step's dev numbers were logged when it was saved (the last line wins after a
+    # resume repeated some steps).
+    dev = retrieval.RetrievalResult.from_dict(
+        [r for r in history if r["step"] == ckpt.best_step][-1], prefix="dev_"
+    )
     test_split = config.data.test_split
     test = (
         evaluate_split(embed, best, splits[test_split], vocab, config, folds=config.data.test_folds)
         if test_split in splits
         else None
     )
-    history = [r for r in jt.read_metrics(workdir) if "dev_rsum" in r]
     results = {
         "dev": dev,
         "test": test,
