@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxeff.losses.similarity import MEASURES, check_embedding_pair
+from jaxeff.losses.similarity import MEASURES, check_embedding_pair, order_similarity
 
 _PAIR_FN = {
     "cosine": lambda u, v: jnp.sum(u * v, axis=-1),
@@ -92,7 +92,7 @@ def rank_metrics(ranks) -> RankMetrics:
 def _similarity(u, v, measure):
     if measure == "cosine":
         return jnp.matmul(u, v.T, precision=jax.lax.Precision.HIGHEST)
-    return -jnp.linalg.norm(jnp.maximum(0.0, v[None, :, :] - u[:, None, :]), axis=-1)
+    return order_similarity(u, v)
 
 
 @functools.partial(jax.jit, static_argnames=("measure", "per_image", "chunk"))
