@@ -8,6 +8,12 @@ VSE++ evaluation code: for each image query (and for each group of 5 caption que
 score everything and argsort. Each runs in its own process so peak memory (max RSS) is
 its own. Prints times, the speed-up, peak memory, whether the metrics agree and how many
 ranks differ (only float32 near-ties can: the dot products are summed in another order).
+
+The baseline is independent of jaxeff: it computes its own scores and reads each query's
+own score out of that query's row. It breaks exact ties by argsort's order where jaxeff
+counts them against the model; random embeddings have no exact ties, so the two agree.
+jaxeff scores each pair twice (once in an image's row, once in a caption's row), so that
+each query's threshold and the scores compared with it come from one computation.
 """
 
 from __future__ import annotations

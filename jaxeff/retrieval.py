@@ -1,8 +1,8 @@
 """Image-text retrieval evaluation: R@K, median and mean rank, rsum.
 
 The protocol of VSE++ (Faghri et al., BMVC 2018, https://arxiv.org/abs/1707.05612),
-following Karpathy & Fei-Fei's splits: ``N`` images, ``5N`` captions, caption ``m``
-describes image ``m // 5``.
+following Karpathy & Fei-Fei's splits: ``N`` images, ``5N`` captions
+(:data:`CAPTIONS_PER_IMAGE`), caption ``m`` describes image ``m // 5``.
 
 * image→text (caption retrieval): the rank of image ``i`` is the best rank among its 5
   captions, i.e. the number of *other images'* captions scoring at least as high as its
@@ -12,12 +12,16 @@ describes image ``m // 5``.
 
 Ranks start at 0. ``R@K = 100 · mean(rank < K)`` for K = 1, 5, 10, ``medr = ⌊median⌋ + 1``,
 ``meanr = mean + 1``, and ``rsum`` is the sum of the six recalls. Ties count against the
-model (a collapsed embedding where every score is equal gets R@K ≈ 0, not 100); without
-ties this equals ranking by ``argsort``. COCO 1K is the mean over 5 consecutive folds of
-1000 images (``folds=5`` on the 5K test set), COCO 5K and Flickr30K 1K use ``folds=1``.
+model (a collapsed embedding where every score is equal gets R@K ≈ 0, not 100; an exact
+duplicate of an image outranks it); without ties this equals ranking by ``argsort``.
+COCO 1K is the mean over 5 consecutive folds of 1000 images (``folds=5`` on the 5K test
+set), COCO 5K and Flickr30K 1K use ``folds=1``.
 
-The score matrix is never materialised: images are processed in chunks inside one
-compiled scan, so 5K images × 25K captions runs in bounded memory.
+The score matrix is never materialised: images and their captions are processed in
+chunks inside one compiled function, so 5K images × 25K captions runs in bounded memory.
+Each query's rank is counted in the very row of scores that holds its own match (an
+image's row against all captions, a caption's row against all images), so the threshold
+and the scores compared with it come from one computation and exact ties stay exact.
 """
 
 from __future__ import annotations
@@ -31,10 +35,22 @@ import numpy as np
 
 from jaxeff.losses.similarity import MEASURES, check_embedding_pair, order_similarity
 
-_PAIR_FN = {
-    "cosine": lambda u, v: jnp.sum(u * v, axis=-1),
-    "order": lambda u, v: -jnp.linalg.norm(jnp.maximum(0.0, v - u), axis=-1),
-}
+__all__ = [
+    "CAPTIONS_PER_IMAGE",
+    "RankMetrics",
+    "RetrievalResult",
+    "average",
+    "evaluate",
+    "format_table",
+    "rank_metrics",
+    "retrieval_ranks",
+]
+
+# Captions per image in the COCO and Flickr30K protocols: caption ``m`` describes image
+# ``m // CAPTIONS_PER_IMAGE``. The one definition the data pipelines import.
+CAPTIONS_PER_IMAGE = 5
+# Default score block size (elements; 64 MB of float32) that sets the chunk size.
+_BLOCK_ELEMENTS = 1 << 24
 
 
 class RankMetrics(NamedTuple):
@@ -95,45 +111,115 @@ def _similarity(u, v, measure):
     return order_similarity(u, v)
 
 
-@functools.partial(jax.jit, static_argnames=("measure", "per_image", "chunk"))
-def _ranks(images, captions, *, measure, per_image, chunk):
-    n, m = images.shape[0], captions.shape[0]
-    n_chunks = -(-n // chunk)
-    # Pad with rows that score NaN (cosine) or -inf (order) against everything: they never
-    # compare >= a real score, so padded images and captions never count and the hot loop
-    # needs no masks.
+def _pad(images, captions, *, measure, per_image, chunk):
+    """Pads to whole chunks with rows that never score ``>=`` a real score.
+
+    Padding scores NaN (cosine) or -inf (order) against everything, so padded images and
+    captions never count in a rank and the loop needs no masks.
+    """
+    extra = -images.shape[0] % chunk
     pad_image, pad_caption = (jnp.nan, jnp.nan) if measure == "cosine" else (-jnp.inf, jnp.inf)
-    images = jnp.pad(images, ((0, n_chunks * chunk - n), (0, 0)), constant_values=pad_image)
-    captions = jnp.pad(
-        captions, ((0, (n_chunks * chunk - n) * per_image), (0, 0)), constant_values=pad_caption
-    )
-    # Score of each caption with its own image (the threshold of its text→image query).
-    gt = _PAIR_FN[measure](jnp.repeat(images, per_image, axis=0), captions)
+    images = jnp.pad(images, ((0, extra), (0, 0)), constant_values=pad_image)
+    captions = jnp.pad(captions, ((0, extra * per_image), (0, 0)), constant_values=pad_caption)
+    return images, captions
+
+
+def _own_scores(block, *, per_image, chunk):
+    """``(chunk, per_image)`` scores of a chunk's images with their own captions.
+
+    ``block`` is the ``(chunk, chunk · per_image)`` part of a score array that pairs the
+    chunk's images with the chunk's captions; the result is read out of it, not recomputed.
+    """
     diag = jnp.arange(chunk)
+    return block.reshape(chunk, chunk, per_image)[diag, diag]
 
-    def body(t2i_counts, c):
-        u = jax.lax.dynamic_slice_in_dim(images, c * chunk, chunk)
-        s = _similarity(u, captions, measure)  # (chunk, captions)
-        block = jax.lax.dynamic_slice_in_dim(s, c * chunk * per_image, chunk * per_image, 1)
-        own = block.reshape(chunk, chunk, per_image)[diag, diag]  # (chunk, per_image)
-        best = jnp.max(own, axis=1, keepdims=True)
-        # image→text: captions scoring >= the best own caption, minus the own ones among them.
-        i2t = jnp.sum(s >= best, axis=1) - jnp.sum(own >= best, axis=1)
-        # text→image: images scoring >= the caption's own image, minus that image itself.
-        own_gt = jax.lax.dynamic_slice_in_dim(gt, c * chunk * per_image, chunk * per_image)
-        t2i_counts += jnp.sum(s >= gt[None, :], axis=0)
-        self_count = (own >= own_gt.reshape(chunk, per_image)).reshape(-1).astype(jnp.int32)
-        t2i_counts = jax.lax.dynamic_update_slice_in_dim(
-            t2i_counts,
-            jax.lax.dynamic_slice_in_dim(t2i_counts, c * chunk * per_image, chunk * per_image)
-            - self_count,
-            c * chunk * per_image,
-            0,
+
+def _image_query_ranks(images, captions, c, *, measure, per_image, chunk):
+    """image→text ranks of chunk ``c``'s images: other captions scoring >= the best own one."""
+    u = jax.lax.dynamic_slice_in_dim(images, c * chunk, chunk)
+    s = _similarity(u, captions, measure)  # row k: image k against every caption
+    block = jax.lax.dynamic_slice_in_dim(s, c * chunk * per_image, chunk * per_image, 1)
+    own = _own_scores(block, per_image=per_image, chunk=chunk)
+    best = jnp.max(own, axis=1, keepdims=True)
+    return jnp.sum(s >= best, axis=1) - jnp.sum(own >= best, axis=1)
+
+
+def _caption_query_ranks(images, captions, c, *, measure, per_image, chunk):
+    """text→image ranks of chunk ``c``'s captions: other images scoring >= the own one."""
+    v = jax.lax.dynamic_slice_in_dim(captions, c * chunk * per_image, chunk * per_image)
+    s = _similarity(images, v, measure).T  # row r: caption r against every image
+    block = jax.lax.dynamic_slice_in_dim(s, c * chunk, chunk, 1).T
+    own = _own_scores(block, per_image=per_image, chunk=chunk).reshape(-1, 1)
+    return jnp.sum(s >= own, axis=1) - 1  # the own image ties with itself
+
+
+@functools.partial(jax.jit, static_argnames=("measure", "per_image", "chunk"))
+def _rank_loop(images, captions, *, measure, per_image, chunk):
+    n, m = images.shape[0], captions.shape[0]
+    kwargs = dict(measure=measure, per_image=per_image, chunk=chunk)
+    images, captions = _pad(images, captions, **kwargs)
+
+    chunks = jnp.arange(images.shape[0] // chunk)
+    i2t = jax.lax.map(functools.partial(_image_query_ranks, images, captions, **kwargs), chunks)
+    t2i = jax.lax.map(functools.partial(_caption_query_ranks, images, captions, **kwargs), chunks)
+    return i2t.reshape(-1)[:n], t2i.reshape(-1)[:m]
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _checked_embeddings(image_emb, caption_emb, captions_per_image):
+    """The embeddings as float32 arrays, after the checks that make a rank meaningful."""
+    check_embedding_pair(
+        image_emb, caption_emb, allow_different_lengths=True, names=("image_emb", "caption_emb")
+    )
+    if not _is_int(captions_per_image) or captions_per_image < 1:
+        raise ValueError(
+            f"`captions_per_image` must be a positive integer, got {captions_per_image!r}."
         )
-        return t2i_counts, i2t
+    n, m = image_emb.shape[0], caption_emb.shape[0]
+    if n == 0:
+        raise ValueError("`image_emb` must hold at least one image, got 0 rows.")
+    if m != captions_per_image * n:
+        raise ValueError(
+            f"`caption_emb` must have exactly {captions_per_image} rows per image "
+            f"({captions_per_image} x {n} = {captions_per_image * n}), got {m}. Pass one row "
+            "per image in `image_emb` and the captions grouped by image."
+        )
+    with np.errstate(over="ignore"):  # values beyond float32 become inf, refused below
+        images = jnp.asarray(image_emb, jnp.float32)
+        captions = jnp.asarray(caption_emb, jnp.float32)
+    for name, x in (("image_emb", images), ("caption_emb", captions)):
+        bad = np.flatnonzero(~np.asarray(jnp.all(jnp.isfinite(x), axis=1)))
+        if bad.size:
+            raise ValueError(
+                f"`{name}` must be finite, but row {bad[0]} holds NaN or inf in float32 "
+                f"({bad.size} of {x.shape[0]} rows do); NaN scores would rank as a perfect "
+                "model."
+            )
+    return images, captions
 
-    t2i, i2t = jax.lax.scan(body, jnp.zeros(captions.shape[0], jnp.int32), jnp.arange(n_chunks))
-    return i2t.reshape(-1)[:n], t2i[:m]
+
+def _ranks(images, captions, *, measure, captions_per_image, chunk_size):
+    """:func:`retrieval_ranks` of embeddings that passed :func:`_checked_embeddings`."""
+    if measure not in MEASURES:
+        raise ValueError(f"`measure` must be one of {MEASURES}, got {measure!r}.")
+    n, m = images.shape[0], captions.shape[0]
+    if chunk_size is None:
+        per_row = m * (images.shape[1] if measure == "order" else 1)
+        chunk_size = int(np.clip(_BLOCK_ELEMENTS // per_row, 1, n))
+        chunk_size = -(-n // -(-n // chunk_size))  # same number of chunks, least padding
+    if not _is_int(chunk_size) or chunk_size < 1:
+        raise ValueError(f"`chunk_size` must be a positive integer, got {chunk_size!r}.")
+    i2t, t2i = _rank_loop(
+        images,
+        captions,
+        measure=measure,
+        per_image=captions_per_image,
+        chunk=min(chunk_size, n),
+    )
+    return np.asarray(i2t), np.asarray(t2i)
 
 
 def retrieval_ranks(
@@ -141,47 +227,56 @@ def retrieval_ranks(
     caption_emb,
     *,
     measure: str = "cosine",
-    captions_per_image: int = 5,
+    captions_per_image: int = CAPTIONS_PER_IMAGE,
     chunk_size: int | None = None,
 ):
     """0-based ranks of every image query (image→text) and every caption query (text→image).
 
+    Each query is scored against every item in chunks; its rank is the number of other
+    items scoring at least as high as its own match, read out of the same scores:
+
+    .. math::
+
+      r^{i2t}_i = \\#\\{m \\notin C_i : S_{im} \\ge \\max_{m' \\in C_i} S_{im'}\\},\\quad
+      r^{t2i}_m = \\#\\{j \\ne i(m) : S_{jm} \\ge S_{i(m)\\,m}\\}
+
+    with ``C_i`` the captions of image ``i`` and ``i(m) = m // captions_per_image``.
+
     Args:
-      image_emb: ``(N, D)`` image embeddings, one row per image.
-      caption_emb: ``(captions_per_image · N, D)`` caption embeddings; caption ``m``
-        belongs to image ``m // captions_per_image``.
+      image_emb: ``(N, D)`` image embeddings, one row per image. Must be finite.
+      caption_emb: ``(captions_per_image · N, D)`` caption embeddings, exactly
+        ``captions_per_image`` rows per image; caption ``m`` belongs to image
+        ``m // captions_per_image``. Must be finite.
       measure: ``"cosine"`` (inner product) or ``"order"`` similarity.
-      captions_per_image: captions per image (5 for COCO and Flickr).
-      chunk_size: images scored at once; by default sized to keep each chunk's score
-        block near 64 MB.
+      captions_per_image: captions per image (:data:`CAPTIONS_PER_IMAGE` for COCO and
+        Flickr).
+      chunk_size: images (with their captions) scored at once; by default sized to keep
+        each chunk's score block near 64 MB.
 
     Returns:
-      ``(i2t_ranks (N,), t2i_ranks (5N,))`` as numpy int arrays.
+      ``(i2t_ranks (N,), t2i_ranks (captions_per_image · N,))`` as numpy int arrays.
+
+    Raises:
+      ValueError: naming ``image_emb`` or ``caption_emb`` (and the first bad row) when an
+        embedding holds NaN or inf, or when the caption count is not exactly
+        ``captions_per_image`` times the image count.
+
+    Example:
+      >>> import numpy as np
+      >>> from jaxeff import retrieval
+      >>> images = np.eye(3, dtype=np.float32)
+      >>> i2t, t2i = retrieval.retrieval_ranks(images, np.repeat(images, 5, axis=0))
+      >>> i2t.tolist()
+      [0, 0, 0]
     """
-    check_embedding_pair(image_emb, caption_emb, allow_different_lengths=True)
-    if measure not in MEASURES:
-        raise ValueError(f"`measure` must be one of {MEASURES}, got {measure!r}.")
-    n, m = image_emb.shape[0], caption_emb.shape[0]
-    if n == 0 or m != captions_per_image * n:
-        raise ValueError(
-            f"`caption_emb` must have {captions_per_image} rows per image "
-            f"({captions_per_image} x {n} = {captions_per_image * n}), got {m}. Pass one row "
-            "per image in `image_emb` and the captions grouped by image."
-        )
-    if chunk_size is None:
-        per_row = m * (image_emb.shape[1] if measure == "order" else 1)
-        chunk_size = int(np.clip((1 << 24) // per_row, 1, n))
-        chunk_size = -(-n // -(-n // chunk_size))  # same number of chunks, least padding
-    if chunk_size < 1:
-        raise ValueError(f"`chunk_size` must be positive, got {chunk_size}.")
-    i2t, t2i = _ranks(
-        jnp.asarray(image_emb, jnp.float32),
-        jnp.asarray(caption_emb, jnp.float32),
+    images, captions = _checked_embeddings(image_emb, caption_emb, captions_per_image)
+    return _ranks(
+        images,
+        captions,
         measure=measure,
-        per_image=captions_per_image,
-        chunk=min(chunk_size, n),
+        captions_per_image=captions_per_image,
+        chunk_size=chunk_size,
     )
-    return np.asarray(i2t), np.asarray(t2i)
 
 
 def evaluate(
@@ -190,7 +285,7 @@ def evaluate(
     *,
     folds: int = 1,
     measure: str = "cosine",
-    captions_per_image: int = 5,
+    captions_per_image: int = CAPTIONS_PER_IMAGE,
     chunk_size: int | None = None,
 ) -> RetrievalResult:
     """Retrieval metrics of a test set, optionally averaged over consecutive folds.
@@ -199,27 +294,40 @@ def evaluate(
     and their 5000 captions; metrics averaged over folds, rsum from the averaged recalls).
 
     Args:
-      image_emb: ``(N, D)`` image embeddings, one row per image.
-      caption_emb: ``(5N, D)`` caption embeddings grouped by image.
+      image_emb: ``(N, D)`` image embeddings, one row per image. Must be finite.
+      caption_emb: ``(captions_per_image · N, D)`` caption embeddings grouped by image,
+        exactly ``captions_per_image`` rows per image (checked on the whole set, before
+        the folds are split). Must be finite.
       folds: number of consecutive equal folds; must divide ``N``.
       measure: ``"cosine"`` or ``"order"``.
-      captions_per_image: captions per image.
+      captions_per_image: captions per image (:data:`CAPTIONS_PER_IMAGE`).
       chunk_size: see :func:`retrieval_ranks`.
 
     Returns:
       :class:`RetrievalResult` ``(i2t=(r1, r5, r10, medr, meanr), t2i=(...), rsum)``.
+
+    Raises:
+      ValueError: as :func:`retrieval_ranks` (row indices count from the start of the
+        whole set), or when ``folds`` does not divide ``N``.
+
+    Example:
+      >>> import numpy as np
+      >>> from jaxeff import retrieval
+      >>> images = np.eye(4, dtype=np.float32)
+      >>> retrieval.evaluate(images, np.repeat(images, 5, axis=0), folds=2).rsum
+      600.0
     """
-    n = np.shape(image_emb)[0]
-    if not isinstance(folds, int) or folds < 1 or n % folds:
+    images, captions = _checked_embeddings(image_emb, caption_emb, captions_per_image)
+    n = images.shape[0]
+    if not _is_int(folds) or folds < 1 or n % folds:
         raise ValueError(
             f"`folds` must be a positive integer dividing the {n} images, got {folds!r}."
         )
-    size = n // folds
-    per_fold = []
+    size, per_fold = n // folds, []
     for f in range(folds):
-        i2t, t2i = retrieval_ranks(
-            image_emb[f * size : (f + 1) * size],
-            caption_emb[f * size * captions_per_image : (f + 1) * size * captions_per_image],
+        i2t, t2i = _ranks(
+            images[f * size : (f + 1) * size],
+            captions[f * size * captions_per_image : (f + 1) * size * captions_per_image],
             measure=measure,
             captions_per_image=captions_per_image,
             chunk_size=chunk_size,

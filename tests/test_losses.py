@@ -172,12 +172,62 @@ def test_collapse_indicator():
 
 
 def test_global_batch_negatives_when_sharded():
+    # 16 pairs over 8 devices, 2 per shard. Caption 9 (device 4) equals image 0 (device 0):
+    # it is the hardest negative of image query 0, and image 0 that of caption query 9, but
+    # neither is on the query's own shard, so per-device negatives would miss them.
     mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
     im, s = unit(jax.random.key(10), (16, 8)), unit(jax.random.key(11), (16, 8))
+    s = s.at[9].set(im[0])
     sharding = NamedSharding(mesh, PartitionSpec("data"))
-    fn = jax.jit(lambda a, b: losses.vse_hinge_loss(a, b, max_violation=True))
-    sharded = fn(jax.device_put(im, sharding), jax.device_put(s, sharding))
-    np.testing.assert_allclose(sharded, fn(im, s), rtol=1e-5)
+    im_sharded, s_sharded = jax.device_put(im, sharding), jax.device_put(s, sharding)
+    device_of_row = {
+        row: shard.device
+        for shard in s_sharded.addressable_shards
+        for row in range(16)[shard.index[0]]
+    }
+    assert len(set(device_of_row.values())) == 8 and device_of_row[0] != device_of_row[9]
+
+    loss = lambda a, b: losses.vse_hinge_loss(a, b, max_violation=True)
+    sharded = jax.jit(loss)(im_sharded, s_sharded)
+    per_device = jax.shard_map(
+        lambda a, b: loss(a, b)[None],
+        mesh=mesh,
+        in_specs=(PartitionSpec("data"), PartitionSpec("data")),
+        out_specs=PartitionSpec("data"),
+    )(im_sharded, s_sharded)
+    want = reference_loss(
+        np.asarray(im), np.asarray(s), margin=0.2, measure="cosine", max_violation=True
+    )
+    np.testing.assert_allclose(sharded, want, rtol=1e-5)
+    np.testing.assert_allclose(
+        jnp.sum(per_device), sum(loss(im[i : i + 2], s[i : i + 2]) for i in range(0, 16, 2))
+    )
+    # Per-device negatives miss the planted pair (each costs about 1.2 - S[k, k] globally)
+    # and most other queries' hardest negatives: here 25.8 globally against 8.0.
+    assert float(sharded) - float(jnp.sum(per_device)) > 10.0
+
+
+@pytest.mark.parametrize("max_violation", [False, True])
+def test_asymmetric_positives_mask_matches_reference(max_violation):
+    # positives[k, j]: image k and caption j match. Caption 3 is a copy of image 0 and
+    # caption 1 of image 4, and only those pairs are marked, so the mask is not symmetric:
+    # a transposed mask would unmask them and mask the unrelated pairs (3, 0) and (1, 4).
+    im, s = unit(jax.random.key(14), (6, 4)), unit(jax.random.key(15), (6, 4))
+    s = s.at[3].set(im[0]).at[1].set(im[4])
+    pos = jnp.zeros((6, 6), bool).at[0, 3].set(True).at[4, 1].set(True)
+    assert not bool(jnp.all(pos == pos.T))
+    got = losses.vse_hinge_loss(im, s, max_violation=max_violation, positives=pos)
+    reference = lambda mask: reference_loss(
+        np.asarray(im),
+        np.asarray(s),
+        margin=0.2,
+        measure="cosine",
+        max_violation=max_violation,
+        positives=np.asarray(mask),
+    )
+    np.testing.assert_allclose(got, reference(pos), rtol=1e-5)
+    # The data tells the two orientations apart: the transposed mask's loss is far off.
+    assert abs(reference(pos) - reference(pos.T)) > 0.5
 
 
 def test_bfloat16_inputs():
@@ -197,9 +247,28 @@ def test_bfloat16_inputs():
         (dict(measure="l2"), "`measure`"),
         (dict(reduction="max"), "`reduction`"),
         (dict(margin=-1.0), "`margin`"),
+        (dict(margin=np.float32(-0.1)), "`margin`"),
+        (dict(margin=jnp.array(-0.1)), "`margin`"),
+        (dict(margin=np.nan), "`margin`"),
+        (dict(margin=np.inf), "`margin`"),
+        (dict(margin=np.array([0.2])), "`margin` must be a scalar"),
+        (dict(margin="0.2"), "`margin`"),
         (dict(top_k=2), "`top_k`"),
         (dict(max_violation=True, top_k=0), "`top_k`"),
+        (dict(max_violation=True, top_k=True), "`top_k`"),
+        (dict(max_violation=True, top_k=2.0), "`top_k`"),
+        (dict(max_violation=0, top_k=2), "`top_k`"),
+        (dict(max_violation=0.0, top_k=2), "`top_k`"),
+        (dict(max_violation=np.float32(0), top_k=2), "`top_k`"),
+        (dict(max_violation=jnp.array(0.0), top_k=2), "`top_k`"),
         (dict(max_violation=1.5), "`max_violation`"),
+        (dict(max_violation=np.float32(5.0)), "`max_violation`"),
+        (dict(max_violation=np.float64(-0.5)), "`max_violation`"),
+        (dict(max_violation=jnp.float32(1.5)), "`max_violation`"),
+        (dict(max_violation=jnp.array(-1.0)), "`max_violation`"),
+        (dict(max_violation=np.nan), "`max_violation`"),
+        (dict(max_violation=jnp.array([0.5, 0.5])), "`max_violation` must be a scalar"),
+        (dict(max_violation="yes"), "`max_violation`"),
         (dict(positives=jnp.ones((3, 3), bool)), "`positives`"),
         (dict(positives=jnp.ones((4, 4))), "boolean"),
     ],
@@ -209,3 +278,29 @@ def test_bad_input_is_named(kwargs, match):
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
         losses.vse_hinge_loss(**args)
+
+
+def test_weight_and_margin_as_numpy_and_jax_scalars():
+    im, s = unit(jax.random.key(16), (5, 4)), unit(jax.random.key(17), (5, 4))
+    want = losses.vse_hinge_loss(im, s, margin=0.1, max_violation=0.25)
+    for cast in (np.float32, np.float64, jnp.float32, jnp.asarray):
+        got = losses.vse_hinge_loss(im, s, margin=cast(0.1), max_violation=cast(0.25))
+        np.testing.assert_allclose(got, want, rtol=1e-6)
+    mh = losses.vse_hinge_loss(im, s, max_violation=True, top_k=2)
+    for one in (1, np.float32(1), jnp.array(1.0)):
+        np.testing.assert_allclose(
+            losses.vse_hinge_loss(im, s, max_violation=one, top_k=np.int64(2)), mh, rtol=1e-6
+        )
+
+
+def test_traced_weight_and_margin_are_not_checked():
+    # Inside jit the values are unknown: they cannot be refused, the caller keeps them in
+    # range (as documented). A non-scalar is still refused: its shape is known.
+    im, s = unit(jax.random.key(18), (5, 4)), unit(jax.random.key(19), (5, 4))
+    loss = jax.jit(lambda w, m: losses.vse_hinge_loss(im, s, margin=m, max_violation=w))
+    sh, mh = losses.vse_hinge_loss(im, s), losses.vse_hinge_loss(im, s, max_violation=True)
+    np.testing.assert_allclose(loss(2.0, 0.2), 2 * mh - sh, rtol=1e-5)
+    with pytest.raises(ValueError, match="`max_violation` must be a scalar"):
+        loss(jnp.array([0.5, 0.5]), 0.2)
+    with pytest.raises(ValueError, match="`margin` must be a scalar"):
+        loss(0.5, jnp.array([0.2, 0.2]))

@@ -2,6 +2,7 @@
 
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -46,3 +47,31 @@ def test_all_pairs_positive_gives_zero(batch):
     for hard in (False, True):
         out = losses.vse_hinge_loss(im, s, max_violation=hard, positives=everything)
         assert float(out) == 0.0
+
+
+scalar_types = st.sampled_from([float, np.float32, np.float64, jnp.float32, jnp.asarray])
+
+
+@settings(max_examples=40, deadline=None)
+@given(batches, st.floats(0.0, 1.0), scalar_types)
+def test_weight_of_any_scalar_type_mixes_sh_and_mh(batch, w, cast):
+    im, s, _ = embeddings(*batch)
+    sh = float(losses.vse_hinge_loss(im, s))
+    mh = float(losses.vse_hinge_loss(im, s, max_violation=True))
+    mixed = losses.vse_hinge_loss(im, s, max_violation=cast(w))
+    np.testing.assert_allclose(mixed, (1 - w) * sh + w * mh, rtol=1e-4, atol=1e-5)
+
+
+out_of_range = st.one_of(
+    st.floats(-1e6, -1e-3), st.floats(1.001, 1e6), st.sampled_from([np.nan, np.inf, -np.inf])
+)
+
+
+@settings(max_examples=40, deadline=None)
+@given(out_of_range, scalar_types)
+def test_weight_out_of_range_is_refused_for_any_scalar_type(w, cast):
+    im, s, _ = embeddings(3, 4, 0)
+    with pytest.raises(ValueError, match="`max_violation`"):
+        losses.vse_hinge_loss(im, s, max_violation=cast(w))
+    with pytest.raises(ValueError, match="`margin`"):
+        losses.vse_hinge_loss(im, s, margin=cast(-abs(w)))

@@ -1,5 +1,8 @@
 """Retrieval metrics against a per-query numpy implementation of the VSE++ protocol."""
 
+import inspect
+import math
+
 import numpy as np
 import pytest
 
@@ -37,6 +40,32 @@ def numpy_reference(images, captions, *, measure="cosine", folds=1):
         results.append(metrics(i2t) + metrics(t2i))
     mean = np.mean(results, axis=0)
     return mean, mean[[0, 1, 2, 5, 6, 7]].sum()
+
+
+def pessimistic_ranks(images, captions, *, measure="cosine", per_image=5):
+    """Per-query float64 loops: a query's rank counts every other item scoring >= its match.
+
+    Each score is the exactly rounded value of the float32 inputs (``math.fsum`` of exact
+    float64 products), so exact duplicates tie exactly here.
+    """
+    images, captions = np.asarray(images, np.float64), np.asarray(captions, np.float64)
+
+    def score(u, v):
+        if measure == "cosine":
+            return math.fsum(u * v)
+        return -math.sqrt(math.fsum(np.maximum(0.0, v - u) ** 2))
+
+    i2t = []
+    for i, u in enumerate(images):
+        scores = np.array([score(u, v) for v in captions])
+        own = np.arange(per_image * i, per_image * (i + 1))
+        i2t.append(np.sum(np.delete(scores, own) >= scores[own].max()))
+    t2i = []
+    for m, v in enumerate(captions):
+        scores = np.array([score(u, v) for u in images])
+        own = m // per_image
+        t2i.append(np.sum(np.delete(scores, own) >= scores[own]))
+    return np.array(i2t), np.array(t2i)
 
 
 def random_unit(rng, n, d):
@@ -96,6 +125,87 @@ def test_ranks_are_exact():
     np.testing.assert_array_equal(t2i[1:], 0)
 
 
+def embeddings_with_duplicates(measure, per_image=5):
+    """13 images, three of them exact copies of others, and exactly duplicated captions."""
+    rng = np.random.default_rng(5)
+    n, d = 13, 6
+    images = random_unit(rng, n, d)
+    images[7], images[12], images[6] = images[2], images[0], images[5]
+    captions = np.repeat(images, per_image, axis=0) + 0.9 * rng.normal(size=(per_image * n, d))
+    captions /= np.linalg.norm(captions, axis=1, keepdims=True)
+    # Image 4's best caption (equal to the image) is repeated as a caption of image 9, and
+    # a caption of image 1 repeats one of image 11.
+    captions[per_image * 4] = captions[per_image * 9 + 1] = images[4]
+    captions[per_image * 1 + 1] = captions[per_image * 11]
+    if measure == "order":
+        images, captions = np.abs(images), np.abs(captions)
+    return images.astype(np.float32), captions.astype(np.float32)
+
+
+@pytest.mark.parametrize("measure", ["cosine", "order"])
+@pytest.mark.parametrize("chunk_size", [1, 2, 4, 5, None])
+def test_exact_duplicates_count_against_the_model(measure, chunk_size):
+    images, captions = embeddings_with_duplicates(measure)
+    i2t, t2i = retrieval.retrieval_ranks(images, captions, measure=measure, chunk_size=chunk_size)
+    want_i2t, want_t2i = pessimistic_ranks(images, captions, measure=measure)
+    np.testing.assert_array_equal(i2t, want_i2t)
+    np.testing.assert_array_equal(t2i, want_t2i)
+    # Every caption of a duplicated image ties with the duplicate: its rank is at least 1.
+    duplicated = np.concatenate([np.arange(5 * i, 5 * i + 5) for i in (0, 2, 5, 6, 7, 12)])
+    assert np.all(t2i[duplicated] >= 1)
+    assert i2t[4] >= 1  # image 4's best caption ties with a caption of image 9
+
+
+def test_exact_duplicates_with_other_captions_per_image():
+    images, captions = embeddings_with_duplicates("cosine", per_image=2)
+    got = retrieval.retrieval_ranks(images, captions, captions_per_image=2, chunk_size=3)
+    want = pessimistic_ranks(images, captions, per_image=2)
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf, 1e39])  # 1e39 overflows float32
+@pytest.mark.parametrize("name, row", [("image_emb", 5), ("caption_emb", 27)])
+def test_non_finite_embeddings_are_refused(bad, name, row):
+    images = random_unit(np.random.default_rng(4), 8, 4)
+    emb = {"image_emb": images, "caption_emb": np.repeat(images, 5, axis=0)}
+    emb[name][row, 1] = bad
+    emb[name][row + 2] = np.nan  # a later bad row: the first one is named
+    # Row indices count from the start of the whole set, not of the fold (rows 5 and 27 are
+    # in the second of two folds).
+    with pytest.raises(ValueError, match=rf"`{name}` must be finite, but row {row} "):
+        retrieval.evaluate(**emb, folds=2)
+    with pytest.raises(ValueError, match=rf"`{name}` must be finite, but row {row} "):
+        retrieval.retrieval_ranks(**emb)
+
+
+def test_all_nan_embeddings_are_not_a_perfect_model():
+    with pytest.raises(ValueError, match="`image_emb` must be finite, but row 0 "):
+        retrieval.evaluate(np.full((4, 3), np.nan, np.float32), np.ones((20, 3), np.float32))
+    with pytest.raises(ValueError, match="`caption_emb` must be finite, but row 0 "):
+        retrieval.evaluate(np.ones((4, 3), np.float32), np.full((20, 3), np.nan, np.float32))
+
+
+@pytest.mark.parametrize("num_captions, folds", [(23, 1), (40, 2), (40, 1), (19, 1), (10, 2)])
+def test_caption_count_must_be_exactly_five_per_image(num_captions, folds):
+    images, captions = np.ones((4, 3), np.float32), np.ones((num_captions, 3), np.float32)
+    message = (
+        rf"`caption_emb` must have exactly 5 rows per image \(5 x 4 = 20\), got {num_captions}\."
+    )
+    with pytest.raises(ValueError, match=message):
+        retrieval.evaluate(images, captions, folds=folds)
+    with pytest.raises(ValueError, match=message):
+        retrieval.retrieval_ranks(images, captions)
+
+
+def test_captions_per_image_is_one_constant():
+    assert retrieval.CAPTIONS_PER_IMAGE == 5 and "CAPTIONS_PER_IMAGE" in retrieval.__all__
+    for fn in (retrieval.evaluate, retrieval.retrieval_ranks):
+        default = inspect.signature(fn).parameters["captions_per_image"].default
+        assert default == retrieval.CAPTIONS_PER_IMAGE
+    assert set(retrieval.__all__) <= set(dir(retrieval))
+
+
 def test_as_dict_and_table():
     rng = np.random.default_rng(2)
     images = random_unit(rng, 10, 4).astype(np.float32)
@@ -110,14 +220,21 @@ def test_as_dict_and_table():
 
 def test_bad_input():
     images = np.ones((4, 3), np.float32)
-    with pytest.raises(ValueError, match="5 rows per image"):
-        retrieval.evaluate(images, np.ones((19, 3), np.float32))
+    captions = np.ones((20, 3), np.float32)
     with pytest.raises(ValueError, match="`folds`"):
-        retrieval.evaluate(images, np.ones((20, 3), np.float32), folds=3)
-    with pytest.raises(ValueError, match="embedding size"):
+        retrieval.evaluate(images, captions, folds=3)
+    with pytest.raises(ValueError, match="`folds`"):
+        retrieval.evaluate(images, captions, folds=True)
+    with pytest.raises(ValueError, match="`image_emb` and `caption_emb`.*embedding size"):
         retrieval.evaluate(images, np.ones((20, 2), np.float32))
+    with pytest.raises(ValueError, match="`caption_emb` must be a 2-D"):
+        retrieval.evaluate(images, np.ones(20, np.float32))
     with pytest.raises(ValueError, match="`measure`"):
-        retrieval.evaluate(images, np.ones((20, 3), np.float32), measure="dot")
+        retrieval.evaluate(images, captions, measure="dot")
+    with pytest.raises(ValueError, match="`chunk_size`"):
+        retrieval.evaluate(images, captions, chunk_size=0)
+    with pytest.raises(ValueError, match="`captions_per_image`"):
+        retrieval.evaluate(images, captions, captions_per_image=0)
 
 
 def test_average_of_folds_and_seeds():

@@ -17,8 +17,12 @@ each query, only its hardest negative. Both directions are added.
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxeff.losses.similarity import check_embedding_pair, similarity_matrix
 
@@ -61,12 +65,51 @@ def _check_scores(scores, positives):
             )
 
 
+def _concrete_scalar(x, name):
+    """``x`` as a Python float when its value is known, ``None`` when it is traced.
+
+    Python and numpy numbers and concrete (non-traced) JAX arrays have a value that can be
+    checked; a tracer (inside ``jit``, ``grad`` or ``vmap``) does not. Either way it must be
+    a scalar: its shape is known even when traced.
+    """
+    if np.ndim(x) != 0:
+        raise ValueError(f"`{name}` must be a scalar, got shape {np.shape(x)}.")
+    if isinstance(x, jax.core.Tracer):
+        return None
+    if np.asarray(x).dtype.kind not in "biuf":
+        raise ValueError(f"`{name}` must be a real number, got {x!r}.")
+    return float(x)
+
+
+def _check_margin(margin):
+    value = _concrete_scalar(margin, "margin")
+    if value is not None and not 0 <= value < math.inf:
+        raise ValueError(f"`margin` must be finite and non-negative, got {value}.")
+
+
+def _hard_negative_weight(max_violation, top_k):
+    """The weight ``w`` of the MH term: a Python float when known, else the traced value."""
+    if top_k is not None and (not isinstance(top_k, numbers.Integral) or isinstance(top_k, bool)):
+        raise ValueError(f"`top_k` must be a positive integer, got {top_k!r}.")
+    w = _concrete_scalar(max_violation, "max_violation")
+    if w is not None and not 0 <= w <= 1:
+        raise ValueError(
+            f"`max_violation` must be a bool or a weight in [0, 1], got {max_violation!r}."
+        )
+    if top_k is not None and w == 0:
+        raise ValueError(
+            "`top_k` selects hard negatives; it needs a non-zero `max_violation`, got "
+            f"{max_violation!r}."
+        )
+    return max_violation if w is None else w
+
+
 def hinge_costs(scores, *, margin: float = 0.2, positives=None):
     """Hinge costs of every negative, both retrieval directions, query-major.
 
     Args:
       scores: ``(B, B)`` similarity matrix, ``scores[k, j] = s(image_k, caption_j)``.
-      margin: the margin ``α``.
+      margin: the margin ``α >= 0``, a scalar (checked unless traced).
       positives: optional ``(B, B)`` boolean mask of extra matching pairs to exclude
         (see :func:`positives_from_ids`); the diagonal is always excluded.
 
@@ -76,6 +119,7 @@ def hinge_costs(scores, *, margin: float = 0.2, positives=None):
       ``k``. Excluded entries are zero.
     """
     _check_scores(scores, positives)
+    _check_margin(margin)
     diagonal = jnp.diagonal(scores)
     cost_s = jax.nn.relu(margin + scores - diagonal[:, None])
     cost_im = jax.nn.relu(margin + scores.T - diagonal[:, None])
@@ -96,9 +140,9 @@ def max_of_hinges(costs, *, top_k: int = 1):
     ``top_k = 1`` is VSE++ (``max_j c[k, j]``); larger ``k`` sums the ``k`` largest costs.
     ``k`` is clipped to the ``B - 1`` negatives a query has; with ``B = 1`` the cost is 0.
     """
-    if not isinstance(top_k, int) or top_k < 1:
+    if not isinstance(top_k, numbers.Integral) or isinstance(top_k, bool) or top_k < 1:
         raise ValueError(f"`top_k` must be a positive integer, got {top_k!r}.")
-    k = min(top_k, costs.shape[1] - 1)
+    k = min(int(top_k), costs.shape[1] - 1)
     if k == 0:
         return jnp.zeros(costs.shape[:1], costs.dtype)
     if k == 1:
@@ -128,11 +172,13 @@ def hinge_loss(
 
     Args:
       scores: ``(B, B)`` similarity matrix with matching pairs on the diagonal.
-      margin: the margin ``α`` (0.2 in VSE++; order embeddings used 0.05).
+      margin: the margin ``α >= 0`` (0.2 in VSE++; order embeddings used 0.05), a scalar.
       max_violation: ``False`` for SH (VSE0), ``True`` for MH (VSE++), or a scalar weight
-        ``w`` in ``[0, 1]`` (may be a traced array, so a schedule never recompiles).
+        ``w`` in ``[0, 1]`` (may be a traced array, so a schedule never recompiles). A
+        known weight of exactly 0 or 1 computes only SH or only MH.
       top_k: with the MH term, sum the ``top_k`` hardest negatives per query instead of
-        the single hardest (default 1). Only valid when ``max_violation`` is not ``False``.
+        the single hardest (default 1). A positive integer, only valid when
+        ``max_violation`` is not ``False`` (nor a known weight of 0).
       reduction: ``"sum"`` over the batch (the reference's choice; scale grows with B) or
         ``"mean"`` over the ``B`` queries (the sum divided by ``B``).
       positives: optional ``(B, B)`` boolean mask of extra matching pairs that are not
@@ -140,29 +186,36 @@ def hinge_loss(
 
     Returns:
       Scalar loss.
+
+    Raises:
+      ValueError: naming the argument when ``margin`` or ``max_violation`` is not a
+        scalar, or when a known value is out of range: Python and numpy numbers and
+        concrete JAX arrays are checked. A *traced* value (an argument of a jitted,
+        differentiated or vmapped function, e.g. the schedule's weight inside the train
+        step) has no value to check: the caller is responsible for keeping it in range,
+        and a weight outside ``[0, 1]`` or a negative margin gives a meaningless loss
+        (it can be negative). Likewise ``top_k`` with a traced weight of 0 is ignored.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from jaxeff.losses import hinge_loss
+      >>> scores = jnp.array([[0.9, 0.5], [0.8, 0.6]])
+      >>> print(f"{float(hinge_loss(scores, margin=0.2, max_violation=True)):.2f}")
+      0.60
     """
     if reduction not in REDUCTIONS:
         raise ValueError(f"`reduction` must be one of {REDUCTIONS}, got {reduction!r}.")
-    if isinstance(margin, (int, float)) and margin < 0:
-        raise ValueError(f"`margin` must be non-negative, got {margin}.")
-    if top_k is not None and max_violation is False:
-        raise ValueError("`top_k` selects hard negatives; it needs `max_violation` to be set.")
-    if isinstance(max_violation, (int, float)) and not 0 <= max_violation <= 1:
-        raise ValueError(
-            f"`max_violation` must be a bool or a weight in [0, 1], got {max_violation}."
-        )
+    w = _hard_negative_weight(max_violation, top_k)
     cost_s, cost_im = hinge_costs(scores, margin=margin, positives=positives)
 
     def per_query(reduce):
         return reduce(cost_s) + reduce(cost_im)
 
     hard = lambda c: max_of_hinges(c, top_k=1 if top_k is None else top_k)
-    if max_violation is True:
-        losses = per_query(hard)
-    elif max_violation is False:
-        losses = per_query(sum_of_hinges)
+    if isinstance(w, float) and w in (0.0, 1.0):
+        losses = per_query(hard if w else sum_of_hinges)
     else:
-        w = jnp.asarray(max_violation, scores.dtype)
+        w = jnp.asarray(w, scores.dtype)
         losses = (1 - w) * per_query(sum_of_hinges) + w * per_query(hard)
     total = jnp.sum(losses)
     return total if reduction == "sum" else total / scores.shape[0]
@@ -192,7 +245,7 @@ def vse_hinge_loss(
     Args:
       images: ``(B, D)`` image embeddings ``u_k`` (row ``k`` matches caption ``k``).
       captions: ``(B, D)`` caption embeddings ``v_k``.
-      margin: hinge margin ``α``.
+      margin: hinge margin ``α >= 0``.
       measure: ``"cosine"`` or ``"order"`` similarity.
       max_violation: ``False`` (SH), ``True`` (MH) or a weight in ``[0, 1]`` mixing them.
       top_k: number of hardest negatives per query for the MH term (default 1).
@@ -201,6 +254,11 @@ def vse_hinge_loss(
 
     Returns:
       Scalar loss. ``B = 1`` has no negatives and gives 0.
+
+    Raises:
+      ValueError: naming the argument for bad embeddings or options, as
+        :func:`hinge_loss`. Traced ``margin`` and ``max_violation`` values cannot be
+        checked; keeping them in range is the caller's responsibility.
 
     Example:
       >>> import jax, jax.numpy as jnp

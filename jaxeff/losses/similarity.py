@@ -11,29 +11,42 @@ import jax.numpy as jnp
 MEASURES = ("cosine", "order")
 
 
-def check_embedding_pair(images, captions, *, allow_different_lengths: bool = False):
+def check_embedding_pair(
+    images,
+    captions,
+    *,
+    allow_different_lengths: bool = False,
+    names: tuple[str, str] = ("images", "captions"),
+):
     """Validates a pair of embedding matrices at a public boundary.
 
+    Args:
+        images: the image embeddings to check.
+        captions: the caption embeddings to check.
+        allow_different_lengths: accept a different number of rows in each.
+        names: the caller's names of the two arguments, used in the error messages.
+
     Raises:
-        ValueError: naming ``images`` or ``captions`` when either is not a 2-D floating
-            array, when their embedding sizes differ, or (unless allowed) their lengths.
+        ValueError: naming the argument when either is not a 2-D floating array, when
+            their embedding sizes differ, or (unless allowed) their lengths.
     """
-    for name, x in (("images", images), ("captions", captions)):
+    for name, x in zip(names, (images, captions), strict=True):
         if jnp.ndim(x) != 2:
             raise ValueError(
                 f"`{name}` must be a 2-D (batch, dim) array, got shape {jnp.shape(x)}."
             )
         if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
             raise ValueError(f"`{name}` must be a floating array, got dtype {jnp.result_type(x)}.")
+    first, second = names
     if images.shape[1] != captions.shape[1]:
         raise ValueError(
-            f"`images` and `captions` must have the same embedding size, got {images.shape[1]} "
-            f"and {captions.shape[1]}."
+            f"`{first}` and `{second}` must have the same embedding size, got "
+            f"{images.shape[1]} and {captions.shape[1]}."
         )
     if not allow_different_lengths and images.shape[0] != captions.shape[0]:
         raise ValueError(
-            "`images` and `captions` must hold the same number of matched pairs, got "
-            f"{images.shape[0]} images and {captions.shape[0]} captions."
+            f"`{first}` and `{second}` must hold the same number of matched pairs, got "
+            f"{images.shape[0]} and {captions.shape[0]} rows."
         )
 
 
