@@ -1,5 +1,6 @@
 """Tests for the raw-image sources: the Flickr30K builder and the coco_captions reader."""
 
+import logging
 import sys
 
 import numpy as np
@@ -85,10 +86,48 @@ def test_eval_images_decoded_to_unit_floats(flickr):
     np.testing.assert_allclose(batch["image"][1], np.full((8, 10, 3), 120 / 255), atol=4 / 255)
 
 
+def test_rebuilds_when_the_json_or_an_image_changes(tmp_path, monkeypatch, caplog):
+    manual, data_dir = tmp_path / "manual", tmp_path / "tfds"
+    _write_flickr(manual)
+    calls = []
+    generate = Flickr30k._generate_examples
+
+    def counting(self, entries, paths):
+        calls.append(len(entries))
+        return generate(self, entries, paths)
+
+    monkeypatch.setattr(Flickr30k, "_generate_examples", counting)
+    build_flickr30k(manual, data_dir)
+    assert len(calls) == 3  # train, dev, test
+    with caplog.at_level(logging.WARNING):
+        build_flickr30k(manual, data_dir)  # unchanged: reused
+    assert len(calls) == 3 and not caplog.records
+
+    write_image(manual / "flickr30k-images" / "105.jpg", (0, 0, 0))  # new pixels
+    with caplog.at_level(logging.WARNING):
+        builder = build_flickr30k(manual, data_dir)
+    assert len(calls) == 6 and "flickr30k-images/105.jpg (modified)" in caplog.text
+    assert "100.jpg" not in caplog.text
+    assert np.abs(builder.as_data_source("test")[1]["image"].astype(int)).max() <= 4
+    caplog.clear()
+
+    entries = [(f, s, _sentences(k)) for k, (f, s, _) in enumerate(IMAGES)]
+    entries[1] = ("101.jpg", "test", ["  New caption  "] * 5)
+    write_karpathy_json(manual / "dataset_flickr30k.json", entries)
+    with caplog.at_level(logging.WARNING):
+        builder = build_flickr30k(manual, data_dir)
+    assert len(calls) == 9 and "dataset_flickr30k.json (modified)" in caplog.text
+    assert [c.decode() for c in builder.as_data_source("test")[0]["captions"]] == [
+        "New caption"
+    ] * 5
+
+
 def test_missing_image_names_the_file(tmp_path):
     _write_flickr(tmp_path / "manual", skip_image="105.jpg")
     with pytest.raises(FileNotFoundError, match="105.jpg"):
         Flickr30k(manual_dir=tmp_path / "manual", data_dir=tmp_path / "tfds").download_and_prepare()
+    with pytest.raises(FileNotFoundError, match="105.jpg"):
+        build_flickr30k(tmp_path / "manual", tmp_path / "tfds")
 
 
 def test_json_checks_name_the_file(tmp_path):

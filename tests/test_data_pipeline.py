@@ -9,7 +9,6 @@ import pytest
 from PIL import Image
 
 from jaxeff.data.pipeline import (
-    CaptionPairs,
     batches_per_epoch,
     caption_texts,
     eval_caption_batches,
@@ -60,15 +59,6 @@ def _assert_same_batches(first, second):
             np.testing.assert_array_equal(a[key], b[key])
 
 
-def test_caption_pairs_index_like_the_reference_loader():
-    pairs = CaptionPairs(_source(3))
-    assert len(pairs) == 15
-    assert pairs[7]["caption"] == "image 1 caption 2" and pairs[7]["image_id"] == 1
-    np.testing.assert_array_equal(pairs[14]["image"], [2, 20, -2])
-    with pytest.raises(IndexError):
-        pairs[15]
-
-
 def test_to_float_image():
     pixels = np.array([[[0, 51, 255]]], np.uint8)
     np.testing.assert_allclose(to_float_image(pixels), [[[0.0, 0.2, 1.0]]], rtol=1e-6)
@@ -92,6 +82,7 @@ def test_training_epochs_cover_every_pair_once_with_fixed_shapes():
     )
     assert len(batches) == 20
     for batch in batches:
+        assert batch.keys() == {"image", "tokens", "lengths", "image_id"}  # what a step reads
         assert batch["image"].shape == (6, 3) and batch["image"].dtype == np.float32
         assert batch["tokens"].shape == (6, 8) and batch["tokens"].dtype == np.int32
         assert batch["lengths"].dtype == np.int32 and batch["image_id"].dtype == np.int32
@@ -151,9 +142,9 @@ def test_group_batches_hold_whole_groups():
     for epoch in (batches[:3], batches[3:]):
         seen = []
         for batch in epoch:
-            counts = collections.Counter(batch["group"].tolist())
+            assert "group" not in batch  # used to form the batch, not passed on
+            counts = collections.Counter(group_of[batch["image_id"]].tolist())
             assert len(counts) == 2 and set(counts.values()) == {4}
-            np.testing.assert_array_equal(batch["group"], group_of[batch["image_id"]])
             _pairs_of(batch, vocab)  # each caption belongs to its image
             seen += batch["image_id"].tolist()
         assert sorted(seen) == list(range(24))  # groups of exactly 4: every image once

@@ -1,5 +1,7 @@
 """Tests for the VSE++ precomp tfds builder (array_record, read without TensorFlow)."""
 
+import logging
+import os
 import pickle
 import sys
 
@@ -137,3 +139,155 @@ def test_plain_tfds_flow_and_feature_size_mismatch(tmp_path):
     write_precomp(manual, "dev", np.zeros((1, D + 1), np.float32))
     with pytest.raises(ValueError, match=f"dev_ims.npy.*{D + 1}-d features, expected {D}"):
         build_precomp("f8k", manual, tmp_path / "tfds2")
+
+
+# --- the prepared dataset follows its source files --------------------------------------
+
+
+def _count_generated(monkeypatch):
+    """Counts the splits VsePrecomp generates from now on."""
+    calls = []
+    generate = VsePrecomp._generate_examples
+
+    def counting(self, images, captions):
+        calls.append(images.shape)
+        return generate(self, images, captions)
+
+    monkeypatch.setattr(VsePrecomp, "_generate_examples", counting)
+    return calls
+
+
+def _mtimes(data_dir):
+    return {os.fspath(p.relative_to(data_dir)): p.stat().st_mtime_ns for p in data_dir.rglob("*")}
+
+
+def test_rebuilds_when_the_source_files_change(tmp_path, monkeypatch, caplog):
+    manual, data_dir = tmp_path / "manual", tmp_path / "tfds"
+    calls = _count_generated(monkeypatch)
+
+    def build_and_check(features):
+        builder = build_precomp("f8k", manual, data_dir)
+        for split, rows in features.items():
+            source = builder.as_data_source(split)
+            assert len(source) == len(rows)
+            for i in range(len(rows)):
+                np.testing.assert_array_equal(source[i]["image"], rows[i])
+        return builder
+
+    features = {"train": _features("train", 3), "test": _features("test", 2)}
+    for split, rows in features.items():
+        write_precomp(manual, split, rows)
+    build_and_check(features)
+    assert len(calls) == 2
+    prepared = _mtimes(data_dir)
+
+    with caplog.at_level(logging.WARNING):
+        build_and_check(features)  # unchanged files: the prepared dataset is reused
+    assert len(calls) == 2 and not caplog.records
+    assert _mtimes(data_dir) == prepared
+
+    features["train"] = features["train"] + 1.0  # new values, same shape and file size
+    write_precomp(manual, "train", features["train"])
+    with caplog.at_level(logging.WARNING):
+        build_and_check(features)
+    assert len(calls) == 4  # both splits again
+    (warning,) = [r for r in caplog.records if r.name.startswith("jaxeff.data")]
+    assert warning.levelno == logging.WARNING
+    assert "train_ims.npy (modified)" in warning.getMessage()
+    assert "test_ims.npy" not in warning.getMessage()  # names only the changed files
+    caplog.clear()
+
+    ims = manual / "train_ims.npy"
+    stat = ims.stat()
+    features["train"] = features["train"] + 1.0
+    np.save(ims, features["train"])
+    os.utime(ims, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # same size and time: the bytes tell
+    build_and_check(features)
+    assert len(calls) == 6
+
+    features = {"train": _features("train", 4)[:, :4], "test": _features("test", 2)[:, :4]}
+    for split, rows in features.items():  # another feature size and image count
+        write_precomp(manual, split, rows)
+    write_precomp(manual, "dev", _features("dev", 1)[:, :4])  # a new split
+    features["dev"] = _features("dev", 1)[:, :4]
+    with caplog.at_level(logging.WARNING):
+        builder = build_and_check(features)
+    assert builder.info.features["image"].shape == (4,)
+    assert "dev_caps.txt (added)" in caplog.text and "train_caps.txt (modified)" in caplog.text
+    reopened = VsePrecomp(config="f8k", data_dir=data_dir)  # the new dataset is the stored one
+    assert reopened.info.features["image"].shape == (4,)
+    assert reopened.info.splits["train"].num_examples == 4
+
+
+def test_rebuilds_a_dataset_prepared_without_fingerprint(tmp_path, monkeypatch, caplog):
+    manual = tmp_path / "manual"
+    write_precomp(manual, "train", _features("train", 2))
+    builder = build_precomp("f8k", manual, tmp_path / "tfds")
+    (builder.data_path / "metadata.json").unlink()  # as written before fingerprints
+    calls = _count_generated(monkeypatch)
+    with caplog.at_level(logging.WARNING):
+        build_precomp("f8k", manual, tmp_path / "tfds")
+    assert len(calls) == 1 and "no source fingerprint" in caplog.text
+
+
+def test_missing_sources_keep_the_prepared_dataset(tmp_path):
+    manual = tmp_path / "manual"
+    write_precomp(manual, "train", _features("train", 2))
+    builder = build_precomp("f8k", manual, tmp_path / "tfds")
+    (manual / "train_ims.npy").unlink()
+    with pytest.raises(FileNotFoundError, match="train_ims.npy"):
+        build_precomp("f8k", manual, tmp_path / "tfds")
+    np.testing.assert_array_equal(  # still there, for whoever reads it
+        VsePrecomp(config="f8k", data_dir=tmp_path / "tfds").as_data_source("train")[1]["image"],
+        _features("train", 2)[1],
+    )
+    assert builder.data_path.exists()
+
+
+# --- bad values in the source files -----------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("per_caption", [False, True])
+def test_nonfinite_features_name_the_file_and_row(tmp_path, bad, per_caption):
+    rows = _features("dev", 4)
+    rows[2, 3] = bad
+    rows[3, 0] = np.nan  # only the first bad row is named
+    write_precomp(tmp_path, "dev", rows, per_caption=per_caption)
+    row = 10 if per_caption else 2  # the row in the file
+    with pytest.raises(ValueError, match=rf"dev_ims.npy'?, row {row} .*{bad}.*column 3.*finite"):
+        load_precomp_split(tmp_path, "dev")
+    write_precomp(tmp_path, "train", rows)
+    with pytest.raises(ValueError, match=r"train_ims.npy'?, row 2 "):  # the builder refuses too
+        build_precomp("f8k", tmp_path, tmp_path / "tfds")
+
+
+@pytest.mark.parametrize("blank", ["", "   ", "\t \r"])
+def test_blank_caption_names_the_file_and_line(tmp_path, blank):
+    captions = precomp_captions("dev", 2)
+    captions[6] = blank
+    captions[8] = ""  # only the first blank line is named
+    write_precomp(tmp_path, "dev", _features("dev", 2), captions=captions)
+    with pytest.raises(ValueError, match=r"dev_caps.txt'?, line 7, is blank"):
+        load_precomp_split(tmp_path, "dev")
+
+
+def test_non_utf8_captions_name_the_file_and_line(tmp_path):
+    write_precomp(tmp_path, "dev", _features("dev", 1))
+    lines = (tmp_path / "dev_caps.txt").read_bytes().splitlines(keepends=True)
+    lines[3] = "café latin-1\n".encode("latin-1")
+    (tmp_path / "dev_caps.txt").write_bytes(b"".join(lines))
+    with pytest.raises(ValueError, match=r"dev_caps.txt'?, line 4, is not valid UTF-8"):
+        load_precomp_split(tmp_path, "dev")
+
+
+@pytest.mark.parametrize(
+    "keep, message",
+    [(0, "is empty"), (6, "not a complete"), (100, "not a complete"), (-4, "not a complete")],
+)
+def test_empty_or_truncated_npy_names_the_file(tmp_path, keep, message):
+    write_precomp(tmp_path, "dev", _features("dev", 2))
+    path = tmp_path / "dev_ims.npy"
+    path.write_bytes(path.read_bytes()[:keep])
+    with pytest.raises(ValueError, match=f"dev_ims.npy.*{message}"):
+        load_precomp_split(tmp_path, "dev")

@@ -1,5 +1,7 @@
 """Tests for the caption tokenizer and vocabulary."""
 
+import hashlib
+import os
 import random
 
 import numpy as np
@@ -84,27 +86,105 @@ def test_encode_batch_pads_and_truncates_keeping_end():
         vocab.encode_batch(["a"], max_length=1)
 
 
+def _with_checksum(lines):
+    """The text Vocabulary.save writes for ``lines`` (which need not be a valid vocabulary)."""
+    body = "".join(line + "\n" for line in lines)
+    digest = hashlib.sha256(body.encode("utf-8")).hexdigest()
+    return f"{body}# {len(lines)} tokens, sha256 {digest}\n"
+
+
 def test_save_load_roundtrip_one_token_per_line(tmp_path):
     vocab = build_vocabulary(TRAIN, threshold=2)
     path = tmp_path / "vocab.txt"
     vocab.save(path)
-    assert path.read_text(encoding="utf-8") == "<pad>\n<start>\n<end>\n<unk>\na\ndog\nball\n"
+    lines = path.read_text(encoding="utf-8").splitlines()
+    assert lines[:-1] == ["<pad>", "<start>", "<end>", "<unk>", "a", "dog", "ball"]  # id = line
+    assert lines[-1].startswith("# 7 tokens, sha256 ")
     loaded = Vocabulary.load(path)
     assert loaded == vocab and loaded.token_id("ball") == 6
 
 
+def test_load_of_save_is_exact(tmp_path):
+    captions = ["Un café à Zürich #1 — 東京 🐕!", "a # b ; c", "naïve café"] * 2
+    vocab = build_vocabulary(captions, threshold=1)
+    path = tmp_path / "vocab.txt"
+    vocab.save(path)
+    assert Vocabulary.load(path).tokens == vocab.tokens
+    vocab.save(path)  # overwrites in place
+    assert Vocabulary.load(path).tokens == vocab.tokens
+    assert sorted(os.listdir(tmp_path)) == ["vocab.txt"]  # no temporary file left
+
+
 @pytest.mark.parametrize(
-    "content, message",
+    "cut",
     [
-        ("<pad>\n<start>\n<unk>\n<end>\na\n", "must start with"),
-        ("<pad>\n<start>\n<end>\n<unk>\na\nb\na\n", "repeats"),
-        ("<pad>\n<start>\n<end>\n<unk>\na\n\nb\n", "non-empty"),
-        ("<pad>\n<start>\n<end>\n<unk>\ntwo words\n", "non-empty"),
+        lambda data: 0,  # empty
+        lambda data: data.index(b"dog") + 1,  # inside a token
+        lambda data: data.index(b"#"),  # every token line, no checksum line
+        lambda data: len(data) - 10,  # inside the checksum line
+        lambda data: len(data) - 1,  # only the final newline lost
     ],
 )
-def test_load_rejects_malformed_file_naming_it(tmp_path, content, message):
+def test_load_detects_a_truncated_file(tmp_path, cut):
+    path = tmp_path / "vocab.txt"
+    build_vocabulary(TRAIN, threshold=1).save(path)
+    data = path.read_bytes()
+    path.write_bytes(data[: cut(data)])
+    with pytest.raises(ValueError, match="vocab.txt.*truncated"):
+        Vocabulary.load(path)
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda text: text.replace("\ndog\n", "\ndig\n"), "sha256"),
+        (
+            lambda text: text.replace("\ndog\n", "\n"),
+            "holds 17 tokens but its checksum line says 18",
+        ),
+        (lambda text: text.encode("utf-8").replace(b"dog", b"d\xffg"), "UTF-8"),
+    ],
+)
+def test_load_detects_a_corrupted_file(tmp_path, edit, message):
+    path = tmp_path / "vocab.txt"
+    build_vocabulary(TRAIN, threshold=1).save(path)
+    corrupted = edit(path.read_text(encoding="utf-8"))
+    if isinstance(corrupted, bytes):
+        path.write_bytes(corrupted)
+    else:
+        path.write_text(corrupted, encoding="utf-8")
+    with pytest.raises(ValueError, match=f"vocab.txt.*{message}"):
+        Vocabulary.load(path)
+
+
+def test_save_is_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "vocab.txt"
+    old = build_vocabulary(TRAIN, threshold=2)
+    old.save(path)
+
+    def crash(fd):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "fsync", crash)  # fails after writing, before the rename
+    with pytest.raises(OSError, match="disk full"):
+        build_vocabulary(TRAIN, threshold=1).save(path)
+    monkeypatch.undo()
+    assert Vocabulary.load(path) == old  # the previous file is untouched
+    assert sorted(os.listdir(tmp_path)) == ["vocab.txt"]
+
+
+@pytest.mark.parametrize(
+    "lines, message",
+    [
+        (["<pad>", "<start>", "<unk>", "<end>", "a"], "must start with"),
+        (["<pad>", "<start>", "<end>", "<unk>", "a", "b", "a"], "repeats"),
+        (["<pad>", "<start>", "<end>", "<unk>", "a", "", "b"], "non-empty"),
+        (["<pad>", "<start>", "<end>", "<unk>", "two words"], "non-empty"),
+    ],
+)
+def test_load_rejects_malformed_file_naming_it(tmp_path, lines, message):
     path = tmp_path / "bad_vocab.txt"
-    path.write_text(content, encoding="utf-8")
+    path.write_text(_with_checksum(lines), encoding="utf-8")
     with pytest.raises(ValueError, match=f"bad_vocab.txt.*{message}"):
         Vocabulary.load(path)
 

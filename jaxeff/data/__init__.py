@@ -8,8 +8,6 @@ Builders register with tensorflow-datasets on import of their module:
 from jaxeff.data.coco import COCO_SPLITS, coco_captions_source
 from jaxeff.data.flickr30k import Flickr30k, Flickr30kConfig, build_flickr30k, load_karpathy_json
 from jaxeff.data.pipeline import (
-    CAPTIONS_PER_IMAGE,
-    CaptionPairs,
     batches_per_epoch,
     caption_texts,
     eval_caption_batches,
@@ -30,11 +28,11 @@ from jaxeff.data.vocab import (
     build_vocabulary,
     tokenize,
 )
+from jaxeff.retrieval import CAPTIONS_PER_IMAGE
 
 __all__ = [
     "CAPTIONS_PER_IMAGE",
     "COCO_SPLITS",
-    "CaptionPairs",
     "END_ID",
     "Flickr30k",
     "Flickr30kConfig",

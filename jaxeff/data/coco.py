@@ -29,9 +29,10 @@ import grain
 import tensorflow_datasets as tfds
 from etils import epath
 
+from jaxeff.retrieval import CAPTIONS_PER_IMAGE
+
 __all__ = ["COCO_SPLITS", "coco_captions_source"]
 
-CAPTIONS_PER_IMAGE = 5
 DATASET_CONFIG = "coco_captions/2014"
 
 #: Our split names -> the ``coco_captions`` splits they concatenate.

@@ -14,6 +14,9 @@ read), ``captions`` (its first 5 sentences), ``image_id`` (its position in the s
 JSON order), ``group`` (equal to ``image_id``) and ``filename``. Splits are ``train``,
 ``dev`` (Karpathy val) and ``test``; config ``karpathy_restval`` adds the ``restval``
 images to train.
+
+The prepared dataset stores a fingerprint of the JSON and of the images it was built
+from; :func:`build_flickr30k` builds it again when they change (see ``_fingerprint``).
 """
 
 from __future__ import annotations
@@ -26,11 +29,15 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
+from jaxeff.data import _fingerprint
+from jaxeff.retrieval import CAPTIONS_PER_IMAGE
+
 __all__ = ["Flickr30k", "Flickr30kConfig", "build_flickr30k", "load_karpathy_json"]
 
-CAPTIONS_PER_IMAGE = 5
 ANNOTATIONS_FILE = "dataset_flickr30k.json"
 IMAGES_FOLDER = "flickr30k-images"
+# Bytes hashed per image for the source fingerprint; the JPEG header is in the first few.
+_IMAGE_HEAD_BYTES = 1 << 12
 
 _CITATION = """\
 @article{young2014image,
@@ -94,6 +101,49 @@ def load_karpathy_json(path: epath.PathLike) -> list[dict]:
     return entries
 
 
+def _karpathy_splits(
+    root: epath.Path, train_splits: tuple[str, ...]
+) -> tuple[dict[str, list[dict]], epath.Path]:
+    """The JSON entries of each of our splits (non-empty ones) and the images folder.
+
+    Raises:
+      ValueError: ``train`` has no image, or the JSON is malformed.
+      FileNotFoundError: the JSON or an image file of a selected entry is missing.
+    """
+    entries = load_karpathy_json(root / ANNOTATIONS_FILE)
+    images_dir = root / IMAGES_FOLDER if (root / IMAGES_FOLDER).is_dir() else root
+    karpathy = {"train": train_splits, "dev": ("val",), "test": ("test",)}
+    selected = {}
+    for split, sources in karpathy.items():
+        chosen = [e for e in entries if e["split"] in sources]
+        if not chosen:
+            if split == "train":
+                raise ValueError(
+                    f"{os.fspath(root / ANNOTATIONS_FILE)!r} has no image with split in {sources}."
+                )
+            continue
+        missing = [e["filename"] for e in chosen if not (images_dir / e["filename"]).exists()]
+        if missing:
+            raise FileNotFoundError(
+                f"{len(missing)} image files of split {split!r} are missing, e.g. "
+                f"{os.fspath(images_dir / missing[0])!r}."
+            )
+        selected[split] = chosen
+    return selected, images_dir
+
+
+def _source_fingerprint(
+    root: epath.Path, images_dir: epath.Path, selected: dict[str, list[dict]]
+) -> dict:
+    """Fingerprint of the JSON and of every image of ``selected``, names relative to ``root``."""
+    prefix = "" if images_dir == root else f"{IMAGES_FOLDER}/"
+    images = [prefix + e["filename"] for entries in selected.values() for e in entries]
+    return {
+        **_fingerprint.source_fingerprint(root, [ANNOTATIONS_FILE]),
+        **_fingerprint.source_fingerprint(root, images, head_bytes=_IMAGE_HEAD_BYTES),
+    }
+
+
 @dataclasses.dataclass(eq=False)
 class Flickr30kConfig(tfds.core.BuilderConfig):
     """Config of the Flickr30K builder.
@@ -107,6 +157,9 @@ class Flickr30kConfig(tfds.core.BuilderConfig):
 
 class Flickr30k(tfds.core.GeneratorBasedBuilder):
     """Flickr30K JPEG images and captions, one record per image, Karpathy splits.
+
+    Like any tfds builder, ``download_and_prepare`` reuses a prepared dataset as it is;
+    :func:`build_flickr30k` also rebuilds it when the source files have changed.
 
     Usage::
 
@@ -169,32 +222,21 @@ class Flickr30k(tfds.core.GeneratorBasedBuilder):
             homepage="https://shannon.cs.illinois.edu/DenotationGraph/",
             citation=_CITATION,
             disable_shuffling=True,
+            metadata=tfds.core.MetadataDict(),
         )
 
     def _split_generators(self, dl_manager):
         root = self._manual_root if self._manual_root is not None else dl_manager.manual_dir
-        entries = load_karpathy_json(root / ANNOTATIONS_FILE)
-        images_dir = root / IMAGES_FOLDER if (root / IMAGES_FOLDER).is_dir() else root
-        karpathy = {"train": self.builder_config.train_splits, "dev": ("val",), "test": ("test",)}
-        generators = {}
-        for split, sources in karpathy.items():
-            selected = [e for e in entries if e["split"] in sources]
-            if not selected:
-                if split == "train":
-                    raise ValueError(
-                        f"{os.fspath(root / ANNOTATIONS_FILE)!r} has no image with split in "
-                        f"{sources}."
-                    )
-                continue
-            paths = [images_dir / e["filename"] for e in selected]
-            missing = [p for p in paths if not p.exists()]
-            if missing:
-                raise FileNotFoundError(
-                    f"{len(missing)} image files of split {split!r} are missing, e.g. "
-                    f"{os.fspath(missing[0])!r}."
-                )
-            generators[split] = self._generate_examples(selected, paths)
-        return generators
+        root = epath.Path(root)
+        selected, images_dir = _karpathy_splits(root, self.builder_config.train_splits)
+        # Taken before reading: a file changed meanwhile makes the next build rebuild.
+        self.info.metadata[_fingerprint.FINGERPRINT_KEY] = _source_fingerprint(
+            root, images_dir, selected
+        )
+        return {
+            split: self._generate_examples(entries, [images_dir / e["filename"] for e in entries])
+            for split, entries in selected.items()
+        }
 
     def _generate_examples(self, entries: list[dict], paths: list[epath.Path]):
         for i, (entry, path) in enumerate(zip(entries, paths, strict=True)):
@@ -215,6 +257,12 @@ def build_flickr30k(
 ) -> Flickr30k:
     """Prepares (once) and returns the raw-image Flickr30K builder.
 
+    The prepared dataset in ``data_dir`` is reused while the JSON and the images it was
+    built from are unchanged (same names, sizes, modification times and leading bytes,
+    stored with it). When they differ, or it was prepared without that fingerprint, it
+    is deleted and built again, with a warning naming the changed files; so do not call
+    this while another process reads the same dataset.
+
     Args:
       manual_dir: folder with ``dataset_flickr30k.json`` and the images.
       data_dir: where tfds writes the prepared dataset.
@@ -222,10 +270,19 @@ def build_flickr30k(
 
     Returns:
       The prepared :class:`Flickr30k`; ``builder.as_data_source(split)`` gives the records.
+
+    Raises:
+      FileNotFoundError: ``manual_dir``, the JSON or an image of a split is missing.
+      ValueError: the JSON is malformed or has no training image.
     """
-    if not epath.Path(manual_dir).is_dir():
+    root = epath.Path(manual_dir)
+    if not root.is_dir():
         raise FileNotFoundError(f"manual_dir {os.fspath(manual_dir)!r} is not a directory.")
     config = "karpathy_restval" if restval else "karpathy"
+    prepared = Flickr30k(config=config, data_dir=data_dir)
+    selected, images_dir = _karpathy_splits(root, prepared.builder_config.train_splits)
+    current = _source_fingerprint(root, images_dir, selected)
+    _fingerprint.clear_if_stale(prepared, current, source=root)
     builder = Flickr30k(config=config, data_dir=data_dir, manual_dir=manual_dir)
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(manual_dir=os.fspath(manual_dir))

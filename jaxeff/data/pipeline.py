@@ -14,7 +14,8 @@ Batches are dicts of numpy arrays with fixed shapes, so a jitted step never reco
 
 * ``image``: float32 ``(B, ...)``; ``tokens``: int32 ``(B, max_length)``;
   ``lengths``: int32 ``(B,)`` (real tokens, ``<start>`` and ``<end>`` included);
-  ``image_id``: int32 ``(B,)``; ``group``: int32 ``(B,)`` (training batches);
+  ``image_id``: int32 ``(B,)``; training batches hold exactly these four, what a train
+  step reads (a record's ``group`` only decides which images share a batch);
 * evaluation batches also carry ``mask``: bool ``(B,)``, false on the rows that pad the
   last batch (copies of its first row, so they are finite).
 """
@@ -32,10 +33,9 @@ import numpy as np
 from PIL import Image
 
 from jaxeff.data.vocab import Vocabulary
+from jaxeff.retrieval import CAPTIONS_PER_IMAGE
 
 __all__ = [
-    "CAPTIONS_PER_IMAGE",
-    "CaptionPairs",
     "batches_per_epoch",
     "caption_texts",
     "eval_caption_batches",
@@ -44,7 +44,6 @@ __all__ = [
     "training_batches",
 ]
 
-CAPTIONS_PER_IMAGE = 5
 _DEFAULT_READ_OPTIONS = grain.ReadOptions(num_threads=4, prefetch_buffer_size=8)
 
 ImageFn = Callable[[Any], np.ndarray]
@@ -107,37 +106,6 @@ def to_float_image(image) -> np.ndarray:
     raise ValueError(f"image must be bytes, uint8 or float, got dtype {image.dtype}.")
 
 
-class CaptionPairs:
-    """Random-access view of ``N`` image records as ``5 N`` image-caption pairs.
-
-    ``pairs[i]`` is ``{"image", "caption", "image_id", "group"}`` for image ``i // 5`` and
-    its caption ``i % 5``, the indexing of the VSE++ reference data loader.
-
-    Args:
-      source: random-access sequence of image-level records.
-    """
-
-    def __init__(self, source):
-        self._num_images = _check_source(source)
-        self.source = source
-
-    def __len__(self) -> int:
-        return CAPTIONS_PER_IMAGE * self._num_images
-
-    def __getitem__(self, index: int) -> dict:
-        index = operator.index(index)
-        if not 0 <= index < len(self):
-            raise IndexError(f"pair index {index} out of range [0, {len(self)}).")
-        image, caption = divmod(index, CAPTIONS_PER_IMAGE)
-        record = _read(self.source, [image])[0]
-        return {
-            "image": record["image"],
-            "caption": _text(record["captions"][caption]),
-            "image_id": int(record["image_id"]),
-            "group": int(record["group"]),
-        }
-
-
 def caption_texts(source) -> list[str]:
     """All captions of ``source`` in pair order (caption ``5 * image + j``), as str.
 
@@ -171,7 +139,6 @@ class _PairBatch:
             "tokens": tokens,
             "lengths": lengths,
             "image_id": np.array([r["image_id"] for r in records], dtype=np.int32),
-            "group": np.array([r["group"] for r in records], dtype=np.int32),
         }
 
 
@@ -298,8 +265,8 @@ def training_batches(
       read_options: grain thread prefetching; default 4 threads, 8 batches ahead.
 
     Returns:
-      A ``grain.IterDataset`` of dicts ``image``, ``tokens``, ``lengths``, ``image_id``,
-      ``group``, each with ``B // shard_count`` rows.
+      A ``grain.IterDataset`` of dicts ``image``, ``tokens``, ``lengths``, ``image_id``
+      (nothing else), each with ``B // shard_count`` rows.
     """
     if not isinstance(vocab, Vocabulary):
         raise ValueError(f"vocab must be a Vocabulary, got {type(vocab).__name__}.")

@@ -14,6 +14,9 @@ The builder turns each split into one record per image: ``image`` (float32 ``(D,
 (equal to ``image_id``). Records keep file order, which the evaluation relies on, and
 are stored as array_record so that ``builder.as_data_source(split)`` reads them by index
 without TensorFlow.
+
+The prepared dataset stores a fingerprint of the files it was built from;
+:func:`build_precomp` builds it again when they change (see ``_fingerprint``).
 """
 
 from __future__ import annotations
@@ -25,15 +28,16 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
+from jaxeff.data import _fingerprint
+from jaxeff.retrieval import CAPTIONS_PER_IMAGE
+
 __all__ = [
-    "CAPTIONS_PER_IMAGE",
     "PrecompConfig",
     "VsePrecomp",
     "build_precomp",
     "load_precomp_split",
 ]
 
-CAPTIONS_PER_IMAGE = 5
 
 _CITATION = """\
 @inproceedings{faghri2018vse,
@@ -65,13 +69,53 @@ def _precomp_folder(manual_dir: epath.PathLike, name: str) -> epath.Path:
     return nested if nested.is_dir() else root
 
 
+def _source_names(folder: epath.Path, splits: tuple[str, ...]) -> list[str]:
+    """The names of the split files present in ``folder``: what the builder reads."""
+    names = [f"{split}_{kind}" for split in splits for kind in ("caps.txt", "ims.npy")]
+    return [name for name in names if (folder / name).exists()]
+
+
+def _source_fingerprint(folder: epath.Path, splits: tuple[str, ...]) -> dict:
+    return _fingerprint.source_fingerprint(folder, _source_names(folder, splits))
+
+
+def _read_captions(path: epath.Path) -> list[str]:
+    """The stripped lines of a caption file; each must be non-blank UTF-8."""
+    if not path.exists():
+        raise FileNotFoundError(f"Caption file {os.fspath(path)!r} does not exist.")
+    captions = []
+    for number, line in enumerate(path.read_bytes().splitlines(), start=1):
+        try:
+            caption = line.decode("utf-8").strip()
+        except UnicodeDecodeError as e:
+            raise ValueError(
+                f"Caption file {os.fspath(path)!r}, line {number}, is not valid UTF-8 "
+                f"({e.reason} at byte {e.start} of the line)."
+            ) from None
+        if not caption:
+            raise ValueError(
+                f"Caption file {os.fspath(path)!r}, line {number}, is blank; every line must "
+                "hold one caption."
+            )
+        captions.append(caption)
+    return captions
+
+
 def _open_features(path: epath.Path) -> np.ndarray:
     if not path.exists():
         raise FileNotFoundError(f"Image feature file {os.fspath(path)!r} does not exist.")
+    size = os.path.getsize(os.fspath(path))
+    if size == 0:
+        raise ValueError(
+            f"Image feature file {os.fspath(path)!r} is empty (0 bytes); expected a .npy array."
+        )
     try:
         features = np.load(os.fspath(path), mmap_mode="r", allow_pickle=False)
-    except ValueError as e:
-        raise ValueError(f"{os.fspath(path)!r} is not a numeric .npy array: {e}") from None
+    except (EOFError, ValueError) as e:
+        raise ValueError(
+            f"Image feature file {os.fspath(path)!r} ({size} bytes) is not a complete numeric "
+            f".npy array (truncated, or another format): {e}"
+        ) from None
     if features.ndim != 2 or not np.issubdtype(features.dtype, np.floating):
         raise ValueError(
             f"{os.fspath(path)!r} must hold a 2-D float array (one feature row per image or "
@@ -82,6 +126,21 @@ def _open_features(path: epath.Path) -> np.ndarray:
 
 def _feature_dim_of(path: epath.Path) -> int:
     return int(_open_features(path).shape[1])
+
+
+def _check_finite(features: np.ndarray, path: epath.Path, row_step: int) -> None:
+    """Raises naming the first file row of ``features`` (every ``row_step``-th) with NaN/inf."""
+    row_bytes = max(1, features.shape[1] * features.itemsize * row_step)
+    chunk = max(1, (64 << 20) // row_bytes)  # about 64 MiB read at a time
+    for start in range(0, features.shape[0], chunk):
+        finite = np.isfinite(np.asarray(features[start : start + chunk])).all(axis=1)
+        if not finite.all():
+            row = start + int(np.argmin(finite))
+            column = int(np.argmin(np.isfinite(features[row])))
+            raise ValueError(
+                f"Image feature file {os.fspath(path)!r}, row {row * row_step} (counting from "
+                f"0), holds {features[row, column]} at column {column}; features must be finite."
+            )
 
 
 def load_precomp_split(folder: epath.PathLike, split: str) -> tuple[np.ndarray, list[str]]:
@@ -97,17 +156,16 @@ def load_precomp_split(folder: epath.PathLike, split: str) -> tuple[np.ndarray, 
 
     Raises:
       FileNotFoundError: a file of the split is missing.
-      ValueError: naming the file, when the caption count is not a positive multiple of 5,
-        the feature rows match neither the image nor the caption count, or the features
-        are not a 2-D float array.
+      ValueError: naming the file, when a caption line is blank or not UTF-8 (and the
+        line, counting from 1), the caption count is not a positive multiple of 5, the
+        features are not a complete 2-D float ``.npy`` array (empty or truncated file),
+        their rows match neither the image nor the caption count, or a used row holds
+        NaN or infinity (and the row, counting from 0).
     """
     folder = epath.Path(folder)
     caps_path = folder / f"{split}_caps.txt"
     ims_path = folder / f"{split}_ims.npy"
-    if not caps_path.exists():
-        raise FileNotFoundError(f"Caption file {os.fspath(caps_path)!r} does not exist.")
-    with caps_path.open(encoding="utf-8") as f:
-        captions = [line.strip() for line in f]
+    captions = _read_captions(caps_path)
     if not captions or len(captions) % CAPTIONS_PER_IMAGE:
         raise ValueError(
             f"{os.fspath(caps_path)!r} must hold {CAPTIONS_PER_IMAGE} captions per image (a "
@@ -115,14 +173,16 @@ def load_precomp_split(folder: epath.PathLike, split: str) -> tuple[np.ndarray, 
         )
     features = _open_features(ims_path)
     num_images = len(captions) // CAPTIONS_PER_IMAGE
+    row_step = 1
     if features.shape[0] == len(captions) and num_images != len(captions):
-        features = features[::CAPTIONS_PER_IMAGE]
+        features, row_step = features[::CAPTIONS_PER_IMAGE], CAPTIONS_PER_IMAGE
     elif features.shape[0] != num_images:
         raise ValueError(
             f"{os.fspath(ims_path)!r} has {features.shape[0]} rows but {os.fspath(caps_path)!r} "
             f"describes {num_images} images: expected {num_images} rows (one per image) or "
             f"{len(captions)} (one per caption)."
         )
+    _check_finite(features, ims_path, row_step)
     return features, captions
 
 
@@ -132,6 +192,9 @@ class VsePrecomp(tfds.core.GeneratorBasedBuilder):
     The feature size ``D`` is part of the features spec. It is taken, in order, from the
     already prepared dataset in ``data_dir``, from ``feature_dim``, or from the header of
     the manual dir's ``train_ims.npy``; when none is available the spec says ``(None,)``.
+
+    Like any tfds builder, ``download_and_prepare`` reuses a prepared dataset as it is;
+    :func:`build_precomp` also rebuilds it when the source files have changed.
 
     Usage::
 
@@ -221,11 +284,16 @@ class VsePrecomp(tfds.core.GeneratorBasedBuilder):
             homepage="https://github.com/fartashf/vsepp",
             citation=_CITATION,
             disable_shuffling=True,
+            metadata=tfds.core.MetadataDict(),
         )
 
     def _split_generators(self, dl_manager):
         root = self._manual_root if self._manual_root is not None else dl_manager.manual_dir
         folder = _precomp_folder(root, self.builder_config.name)
+        # Taken before reading: a file changed meanwhile makes the next build rebuild.
+        self.info.metadata[_fingerprint.FINGERPRINT_KEY] = _source_fingerprint(
+            folder, self.builder_config.splits
+        )
         dim = self.info.features["image"].shape[0]
         generators = {}
         for split in self.builder_config.splits:
@@ -263,6 +331,13 @@ def build_precomp(
 ) -> VsePrecomp:
     """Prepares (once) and returns the precomp builder of one dataset.
 
+    The prepared dataset in ``data_dir`` is reused while the split files it was built
+    from are unchanged (same names, sizes, modification times and leading bytes, stored
+    with it). When they differ, or it was prepared without that fingerprint, it is
+    deleted and built again, with a warning naming the changed files; so do not call
+    this while another process reads the same dataset. Missing train files raise before
+    anything is deleted.
+
     Args:
       name: ``"coco"``, ``"f30k"`` or ``"f8k"``.
       manual_dir: folder with the precomp files (or holding ``<name>_precomp/``).
@@ -271,12 +346,27 @@ def build_precomp(
 
     Returns:
       The prepared :class:`VsePrecomp`; ``builder.as_data_source(split)`` gives the records.
+
+    Raises:
+      FileNotFoundError: ``manual_dir`` or a file of a split is missing.
+      ValueError: unknown ``name``, ``feature_dim`` unlike the features, or a malformed
+        split file (see :func:`load_precomp_split`).
     """
     names = [c.name for c in VsePrecomp.BUILDER_CONFIGS]
     if name not in names:
         raise ValueError(f"name must be one of {names}, got {name!r}.")
     if not epath.Path(manual_dir).is_dir():
         raise FileNotFoundError(f"manual_dir {os.fspath(manual_dir)!r} is not a directory.")
+    folder = _precomp_folder(manual_dir, name)
+    for required in ("train_caps.txt", "train_ims.npy"):  # before touching a prepared dataset
+        if not (folder / required).exists():
+            raise FileNotFoundError(
+                f"{os.fspath(folder / required)!r} does not exist; every dataset needs a "
+                "train split."
+            )
+    prepared = VsePrecomp(config=name, data_dir=data_dir)
+    current = _source_fingerprint(folder, prepared.builder_config.splits)
+    _fingerprint.clear_if_stale(prepared, current, source=folder)
     builder = VsePrecomp(
         config=name, data_dir=data_dir, manual_dir=manual_dir, feature_dim=feature_dim
     )

@@ -41,6 +41,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from jaxeff.retrieval import CAPTIONS_PER_IMAGE
+
 COLOURS = ("red", "green", "blue", "yellow", "purple", "white", "orange", "cyan")
 COLOUR_RGB = np.array(
     [
@@ -77,7 +79,6 @@ EDITS = (
 # words as the base scene's, only in another order or pairing.
 _CORE_EDITS = (1, 2, 3)
 MAX_FAMILY_SIZE = len(EDITS)
-CAPTIONS_PER_IMAGE = 5
 _NUM_OBJECTS = len(SIZES) * len(COLOURS) * len(SHAPES)
 # Canonical scene = (axis, object on the left/top, object on the right/bottom), the two
 # objects differing in colour and in shape.

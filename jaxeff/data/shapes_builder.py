@@ -29,6 +29,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from jaxeff.data import shapes as shapes_lib
+from jaxeff.retrieval import CAPTIONS_PER_IMAGE
 
 SPLITS = ("train", "dev", "test")
 
@@ -108,7 +109,7 @@ class JaxeffShapes(tfds.core.GeneratorBasedBuilder):
                         shape=(size, size, 3), dtype=np.uint8, encoding="bytes"
                     ),
                     "captions": tfds.features.Sequence(
-                        tfds.features.Text(), length=shapes_lib.CAPTIONS_PER_IMAGE
+                        tfds.features.Text(), length=CAPTIONS_PER_IMAGE
                     ),
                     "image_id": tfds.features.Scalar(dtype=np.int64),
                     "group": tfds.features.Scalar(dtype=np.int64),

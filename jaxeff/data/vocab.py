@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import hashlib
 import os
 import re
+import secrets
 from collections.abc import Iterable, Sequence
 
 import numpy as np
@@ -32,6 +34,9 @@ SPECIAL_TOKENS = (PAD, START, END, UNK)
 PAD_ID, START_ID, END_ID, UNK_ID = 0, 1, 2, 3
 
 _TOKEN_RE = re.compile(r"\w+|[^\w\s]")
+# Last line of a saved vocabulary. It holds spaces, so it cannot be a token.
+_CHECKSUM_LINE = "# {count} tokens, sha256 {digest}"
+_CHECKSUM_RE = re.compile(r"# (\d+) tokens, sha256 ([0-9a-f]{64})")
 
 
 def _as_text(caption: str | bytes, name: str = "caption") -> str:
@@ -147,24 +152,82 @@ class Vocabulary:
         return tokens, lengths
 
     def save(self, path: str | os.PathLike) -> None:
-        """Writes the tokens to ``path``, one per line (the id is the line number)."""
-        with open(path, "w", encoding="utf-8") as f:
-            f.write("\n".join(self.tokens) + "\n")
+        """Writes the tokens to ``path`` atomically, one per line, and a checksum line.
+
+        Line ``i`` (counting from 0) holds the token of id ``i``; the last line,
+        ``# <count> tokens, sha256 <hex>``, lets :meth:`load` detect a truncated or
+        corrupted file. The file is written to a temporary file in the same folder and
+        then renamed over ``path``, so ``path`` holds either its old content or the
+        whole new vocabulary, never a part.
+
+        Args:
+          path: the file to write (its folder must exist).
+        """
+        body = "".join(token + "\n" for token in self.tokens)
+        digest = hashlib.sha256(body.encode("utf-8")).hexdigest()
+        text = body + _CHECKSUM_LINE.format(count=len(self.tokens), digest=digest) + "\n"
+        folder, name = os.path.split(os.path.abspath(path))
+        # A fresh name opened with "x" (not mkstemp) gets the usual umask permissions.
+        tmp = os.path.join(folder, f".{name}.{secrets.token_hex(8)}.tmp")
+        try:
+            with open(tmp, "x", encoding="utf-8", newline="\n") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Vocabulary:
-        """Reads a vocabulary written by :meth:`save`.
+        """Reads a vocabulary written by :meth:`save`, checking that it is complete.
+
+        Args:
+          path: the vocabulary file.
+
+        Returns:
+          The :class:`Vocabulary`.
 
         Raises:
           FileNotFoundError: ``path`` does not exist.
-          ValueError: the file is not one token per line starting with the specials.
+          ValueError: naming the file, when it is not UTF-8, lacks its final checksum line
+            (truncated), its tokens do not match the checksum line (corrupted), or it is
+            not one token per line starting with the specials.
         """
         if not os.path.isfile(path):
             raise FileNotFoundError(f"Vocabulary file {os.fspath(path)!r} does not exist.")
-        with open(path, encoding="utf-8") as f:
-            lines = f.read().split("\n")
-        if lines and lines[-1] == "":
-            lines.pop()
+        with open(path, "rb") as f:
+            data = f.read()
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(
+                f"Vocabulary file {os.fspath(path)!r} is not valid UTF-8 at byte {e.start}: "
+                f"the file is corrupted."
+            ) from None
+        body, _, last = text.rstrip("\n").rpartition("\n")
+        match = _CHECKSUM_RE.fullmatch(last)
+        if not text.endswith("\n") or match is None:
+            raise ValueError(
+                f"Vocabulary file {os.fspath(path)!r} does not end with its checksum line "
+                f"'# <count> tokens, sha256 <hex>': the file is truncated (or was not written "
+                f"by Vocabulary.save)."
+            )
+        lines = body.split("\n") if body else []
+        payload = "".join(line + "\n" for line in lines)  # what save hashed
+        count, digest = int(match.group(1)), match.group(2)
+        if len(lines) != count:
+            raise ValueError(
+                f"Vocabulary file {os.fspath(path)!r} holds {len(lines)} tokens but its "
+                f"checksum line says {count}: the file is corrupted."
+            )
+        if hashlib.sha256(payload.encode("utf-8")).hexdigest() != digest:
+            raise ValueError(
+                f"Vocabulary file {os.fspath(path)!r} does not match the sha256 of its checksum "
+                f"line: the file is corrupted."
+            )
         try:
             return cls(tuple(lines))
         except ValueError as e:
