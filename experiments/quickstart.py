@@ -64,6 +64,9 @@ def main(argv=None):
             workdir = os.path.join(args.workdir, name.split()[0].lower(), f"seed{seed}")
             print(f"== {name}, seed {seed} -> {workdir}", flush=True)
             result = train.train_and_evaluate(config, workdir)
+            if result["preempted"]:
+                print("Preempted: run the same command again to continue where it stopped.")
+                return None
             tests.setdefault(name, []).append(result["test"])
             histories.setdefault(name, []).append(result["history"])
             if result["collapsed"]:

@@ -82,8 +82,8 @@ def test_keeps_only_latest_and_best_by_metric(tmp_path):
         assert saved_best == [True, True, False, True, False, False]
         assert (ckpt.best_step, ckpt.best_value) == (4, 7.0)
         assert ckpt.latest_step == 6
-    assert sorted(os.listdir(tmp_path / "latest")) == ["6"]
-    assert sorted(os.listdir(tmp_path / "best")) == ["4"]
+    # One directory per step: the latest and the best, nothing else.
+    assert sorted(os.listdir(tmp_path), key=int) == ["4", "6"]
 
     reopened = Checkpointer(tmp_path, best_metric="rsum", best_mode="max")
     assert (reopened.best_step, reopened.best_value) == (4, 7.0)
@@ -105,8 +105,23 @@ def test_keep_two_best_in_min_mode(tmp_path):
             ckpt.save(s, state_at(s), metrics={"loss": v})
         ckpt.wait_until_finished()
         assert ckpt.best_step == 4
-    assert sorted(os.listdir(tmp_path / "best"), key=int) == ["2", "4"]
-    assert sorted(os.listdir(tmp_path / "latest"), key=int) == ["4", "5"]
+        assert ckpt.best_value == 0.2
+    # The two best (2, 4) and the two latest (4, 5).
+    assert sorted(os.listdir(tmp_path), key=int) == ["2", "4", "5"]
+    reopened = Checkpointer(tmp_path, best_metric="loss", best_mode="min", keep_best=2)
+    assert (reopened.best_step, reopened.best_value) == (4, 0.2)
+    reopened.close()
+
+
+def test_ties_go_to_the_later_step_and_survive_reopening(tmp_path):
+    with Checkpointer(tmp_path, best_metric="rsum") as ckpt:
+        assert ckpt.save(1, state_at(1), metrics={"rsum": 5.0})
+        assert ckpt.save(2, state_at(2), metrics={"rsum": 5.0})
+        ckpt.save(3, state_at(3))  # no evaluation at this step
+        ckpt.wait_until_finished()
+        assert ckpt.best_step == 2
+    assert sorted(os.listdir(tmp_path), key=int) == ["2", "3"]
+    assert Checkpointer(tmp_path, best_metric="rsum").best_step == 2
 
 
 def test_bad_arguments(tmp_path):
@@ -152,7 +167,7 @@ def test_resume_after_crash_in_fresh_process(tmp_path):
     subprocess.run([sys.executable, "-c", script], check=True, env=env, timeout=120)
 
     # A half-written checkpoint from a kill mid-save: orbax's uncommitted tmp directory.
-    partial = os.path.join(directory, "latest", "9.orbax-checkpoint-tmp")
+    partial = os.path.join(directory, "9.orbax-checkpoint-tmp")
     os.makedirs(os.path.join(partial, "state"))
     with open(os.path.join(partial, "state", "garbage"), "w") as f:
         f.write("truncated")
@@ -170,7 +185,49 @@ def test_resume_after_crash_in_fresh_process(tmp_path):
         ckpt.save(next_step, state_at(next_step), extra={"data_index": 10 * next_step})
     ckpt.close()
     assert Checkpointer(directory).latest_step == 9
-    assert sorted(os.listdir(os.path.join(directory, "latest"))) == ["9"]
+    assert sorted(os.listdir(directory)) == ["9"]  # the orphaned tmp directory is gone
+
+
+FAILING_BACKGROUND_SAVE = textwrap.dedent(
+    """
+    import resource, signal, sys, time
+    import numpy as np
+    from jaxeff.train import Checkpointer, CheckpointWriteError
+
+    ckpt = Checkpointer({directory!r})
+    ckpt.save(1, {{"w": np.zeros(4, np.float32)}})
+    ckpt.wait_until_finished()
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a full disk: writes fail, EFBIG
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+    big = np.random.default_rng(0).normal(size=4 << 20).astype(np.float32)  # 16 MB
+    ckpt.save(2, {{"w": big}})  # returns at once; the write fails in the background
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        try:
+            ckpt.check_for_errors()
+        except CheckpointWriteError as e:
+            print("STOPPED:", e)
+            sys.exit(3)
+        time.sleep(0.01)
+    sys.exit(0)
+    """
+)
+
+
+def test_failed_background_save_is_reported_by_check_for_errors(tmp_path):
+    directory = str(tmp_path / "run")
+    script = FAILING_BACKGROUND_SAVE.format(directory=directory)
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 3, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert f"STOPPED: Writing a checkpoint under {directory} failed" in proc.stdout
+    assert "File too large" in proc.stdout
+    ckpt = Checkpointer(directory)
+    assert ckpt.latest_step == 1  # the last good checkpoint stays
+    state, _ = ckpt.restore({"w": np.zeros(4, np.float32)})
+    np.testing.assert_array_equal(state["w"], np.zeros(4))
+    ckpt.close()
 
 
 def test_restore_into_sharded_target(tmp_path):

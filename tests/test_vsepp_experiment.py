@@ -132,17 +132,80 @@ def test_missing_precomp_dir_is_a_clear_error(tmp_path):
         train.train_and_evaluate(config, str(tmp_path))
 
 
-def test_nan_is_reported_with_its_step(tmp_path, monkeypatch):
-    config = tiny_shapes_config(num_steps=3, learning_rate=float("nan"))
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("grad_clip", -2.0),  # optax would negate the gradient: gradient ascent
+        ("learning_rate", float("nan")),
+        ("learning_rate", 0.0),
+        ("log_every", 0),
+        ("eval_every", -1),
+        ("num_steps", -5),
+        ("batch_size", 0),
+        ("checkpoint_every", 0),
+        ("lr_decay_fraction", 1.5),
+        ("model.embed_size", 0),
+        ("loss.margin", -0.2),
+        ("loss.top_k", 0),
+        ("data.train_families", 0),
+    ],
+)
+def test_bad_config_fields_are_refused_before_anything_is_built(tmp_path, field, value):
+    config = tiny_shapes_config(**{field: value})
     config.data.data_dir = str(tmp_path / "tfds")
-    with pytest.raises(FloatingPointError, match="step 2"):
-        train.train_and_evaluate(config, str(tmp_path / "nan"))
+    workdir = tmp_path / "run"
+    with pytest.raises(ValueError, match=rf"^config\.{field} must be"):
+        train.train_and_evaluate(config, str(workdir))
+    assert not (tmp_path / "tfds").exists() and not workdir.exists()
 
 
-def test_quickstart_runs_and_writes_plots(tmp_path):
+def test_inconsistent_loss_and_batch_fields_are_refused(tmp_path):
+    sh_with_warmup = tiny_shapes_config(**{"loss.max_violation": False})  # warmup_steps = 4
+    with pytest.raises(ValueError, match="config.loss.max_violation=True"):
+        train.train_and_evaluate(sh_with_warmup, str(tmp_path))
+    with pytest.raises(ValueError, match="config.batch_size"):
+        train.train_and_evaluate(tiny_shapes_config(batch_size=36), str(tmp_path))
+    with pytest.raises(ValueError, match="config.loss.measure"):
+        train.train_and_evaluate(tiny_shapes_config(**{"loss.measure": "dot"}), str(tmp_path))
+
+
+def test_workdir_with_another_config_is_refused(shapes_run, tmp_path):
+    config, workdir, _ = shapes_run
+    before = open(os.path.join(workdir, "config.json")).read()
+    changed = tiny_shapes_config(learning_rate=5e-3, **{"model.embed_size": 64})
+    changed.data.data_dir = config.data.data_dir
+    with pytest.raises(ValueError) as error:
+        train.train_and_evaluate(changed, workdir)
+    assert "learning_rate: 0.001 -> 0.005" in str(error.value)
+    assert "model.embed_size: 32 -> 64" in str(error.value)
+    assert open(os.path.join(workdir, "config.json")).read() == before
+    # Logging fields may change: the finished run is reopened and tested again.
+    relogged = tiny_shapes_config(log_every=4)
+    relogged.data.data_dir = config.data.data_dir
+    assert train.train_and_evaluate(relogged, workdir)["best_step"] == shapes_run[2]["best_step"]
+
+
+def test_quickstart_table_gains_and_files_agree_with_its_runs(tmp_path, capsys):
     table, gains = quickstart.main(
         ["--workdir", str(tmp_path), "--steps", "6", "--families", "16", "--eval-families", "4"]
     )
-    assert set(table) == {"VSE0 (SH)", "VSE++ (MH)"} and set(gains) == {"i2t", "t2i"}
-    for name in ("dev_curves.png", "test_recalls.png", "results.json"):
-        assert os.path.getsize(tmp_path / name) > 0
+    printed = capsys.readouterr().out
+    runs = {}
+    for name, folder in (("VSE0 (SH)", "vse0"), ("VSE++ (MH)", "vse++")):
+        with open(tmp_path / folder / "seed0" / "results.json") as f:
+            runs[name] = retrieval.RetrievalResult.from_dict(json.load(f)["test"])
+    assert set(table) == set(runs)
+    for name, run in runs.items():
+        # One seed: the table row is that run's test result, and the printed row shows it.
+        assert table[name] == run
+        assert f"{name:<16} | {run.i2t.r1:7.1f} {run.i2t.r5:6.1f}" in printed
+        np.testing.assert_allclose(run.rsum, sum(run.i2t[:3]) + sum(run.t2i[:3]))
+    sh, mh = runs["VSE0 (SH)"], runs["VSE++ (MH)"]
+    assert gains == {"i2t": [mh.i2t.r1 - sh.i2t.r1], "t2i": [mh.t2i.r1 - sh.t2i.r1]}
+    with open(tmp_path / "results.json") as f:
+        saved = json.load(f)
+    assert saved["r1_gain_mh_minus_sh"] == gains and saved["steps"] == 6
+    assert saved["test"] == {name: [run.as_dict()] for name, run in runs.items()}
+    for name in ("dev_curves.png", "test_recalls.png"):
+        with open(tmp_path / name, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n" and os.path.getsize(tmp_path / name) > 10_000

@@ -2,7 +2,8 @@ r"""Entry point: ``python -m experiments.vsepp.main --config=CONFIG --workdir=DI
 
 Any config field can be overridden, e.g. ``--config.batch_size=64``. See
 ``experiments/vsepp/configs/`` for VSE0, VSE++, Order0, Order++ and the generated-data
-quick configs.
+quick configs. Rerunning the same command after a kill or a preemption (SIGTERM) resumes
+the run; a workdir made by a different config is refused unless ``--allow_config_change``.
 """
 
 from absl import app, flags, logging
@@ -15,6 +16,11 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Training configuration.", lock_config=True
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.")
+_ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
+    "allow_config_change",
+    False,
+    "Continue a workdir whose saved config.json differs from --config.",
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -22,8 +28,10 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)  # keep checkpointing chatter out of the way
-    results = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-    if results:
+    results = train.train_and_evaluate(
+        _CONFIG.value, _WORKDIR.value, allow_config_change=_ALLOW_CONFIG_CHANGE.value
+    )
+    if not results["preempted"]:
         table = {"dev (best)": results["dev"]}
         if results["test"] is not None:
             table["test"] = results["test"]

@@ -7,14 +7,16 @@ and optimizer, sharding, update step, checkpoint/resume, evaluation, loop, test.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import zlib
 from typing import Any
 
 import jax
 import numpy as np
 import optax
-from absl import logging
+import tqdm
 
 from jaxeff import losses, retrieval
 from jaxeff import train as jt
@@ -29,9 +31,94 @@ from jaxeff.data import (
     eval_image_batches,
     training_batches,
 )
+from jaxeff.losses.hinge import REDUCTIONS
+from jaxeff.losses.similarity import MEASURES
 from jaxeff.models import vse_model
 
 PRECOMP = ("coco", "f30k", "f8k")
+# Fields a run may change when it continues in the same workdir: none of them changes
+# what a training step computes.
+RESUMABLE_FIELDS = ("log_every", "checkpoint_every", "eval_batch_size", "data.data_dir")
+
+
+# ----------------------------------------------------------------------------------------
+# Config.
+# ----------------------------------------------------------------------------------------
+def validate_config(config) -> None:
+    """Checks every field at start-up, before any data is built or anything compiled."""
+    jt.check_numbers(
+        config,
+        positive=[
+            "batch_size",
+            "learning_rate",
+            "grad_clip",
+            "log_every",
+            "checkpoint_every",
+            "eval_batch_size",
+            "data.max_length",
+            "data.test_folds",
+            "model.word_dim",
+            "model.embed_size",
+            "model.num_layers",
+            "loss.top_k",
+        ],
+        non_negative=[
+            "seed",
+            "num_steps",
+            "num_epochs",
+            "eval_every",
+            "lr_decay_epochs",
+            "data.vocab_threshold",
+            "data.group_size",
+            "loss.margin",
+            "loss.warmup_steps",
+        ],
+        fraction=["lr_decay_fraction"],
+    )
+    if not (config.num_steps or config.num_epochs):
+        raise ValueError("config.num_steps or config.num_epochs must be positive.")
+    if config.data.name not in ("shapes", *PRECOMP):
+        raise ValueError(
+            f"config.data.name must be 'shapes' or one of {PRECOMP}, got {config.data.name!r}."
+        )
+    if config.data.name == "shapes":
+        jt.check_numbers(
+            config,
+            positive=["data.train_families", "data.dev_families", "data.test_families"],
+        )
+    encoders = {"precomp": "model.img_dim", "cnn": "model.image_size"}
+    if config.model.image_encoder not in encoders:
+        raise ValueError(
+            f"config.model.image_encoder must be one of {sorted(encoders)}, got "
+            f"{config.model.image_encoder!r}."
+        )
+    jt.check_numbers(config, positive=[encoders[config.model.image_encoder]])
+    if config.loss.measure not in MEASURES:
+        raise ValueError(
+            f"config.loss.measure must be one of {MEASURES}, got {config.loss.measure!r}."
+        )
+    if config.loss.reduction not in REDUCTIONS:
+        raise ValueError(
+            f"config.loss.reduction must be one of {REDUCTIONS}, got {config.loss.reduction!r}."
+        )
+    if not config.loss.max_violation and (config.loss.warmup_steps or config.loss.top_k > 1):
+        raise ValueError(
+            "config.loss.warmup_steps and config.loss.top_k > 1 select hard negatives; they "
+            "need config.loss.max_violation=True."
+        )
+    group = config.data.group_size
+    if config.batch_size % jax.device_count() or (group and config.batch_size % group):
+        raise ValueError(
+            f"config.batch_size ({config.batch_size}) must be divisible by the "
+            f"{jax.device_count()} devices and by config.data.group_size ({group})."
+        )
+
+
+def resumable_fields(config) -> tuple[str, ...]:
+    """:data:`RESUMABLE_FIELDS`, plus the run length when the schedule does not use it."""
+    if config.lr_decay_fraction:
+        return RESUMABLE_FIELDS
+    return (*RESUMABLE_FIELDS, "num_steps", "num_epochs")
 
 
 # ----------------------------------------------------------------------------------------
@@ -66,7 +153,11 @@ def load_splits(config, workdir) -> dict[str, Any]:
 
 
 def load_or_build_vocabulary(config, train_source, workdir) -> Vocabulary:
-    """The vocabulary of the training captions only, saved as ``<workdir>/vocab.txt``."""
+    """The vocabulary of the training captions only, saved as ``<workdir>/vocab.txt``.
+
+    A saved vocabulary is reused (the workdir's config fixed its threshold); a truncated
+    file is an error, never a silently smaller vocabulary.
+    """
     path = os.path.join(workdir, "vocab.txt")
     if os.path.exists(path):
         return Vocabulary.load(path)
@@ -99,20 +190,19 @@ def build_model(config, vocab_size: int, seed: int):
 def make_loss_fn(config):
     """``loss_fn(model, batch, hparams)`` with the hinge loss of ``config.loss``.
 
-    With ``config.loss.warmup_steps > 0`` the MH weight comes in ``hparams["hard_weight"]``
-    (SH before the warm-up ends, MH after) without recompiling.
+    The weight of the MH term is ``hparams["hard_weight"]`` (see :func:`hard_weight_fn`),
+    a traced value, so the SH→MH switch never recompiles.
     """
     cfg = config.loss
 
     def loss_fn(model, batch, hparams):
         images, captions = model(batch["image"], batch["tokens"], batch["lengths"])
         scores = losses.similarity_matrix(images, captions, measure=cfg.measure)
-        hard = hparams["hard_weight"] if cfg.warmup_steps else bool(cfg.max_violation)
         loss = losses.hinge_loss(
             scores,
             margin=cfg.margin,
-            max_violation=hard,
-            top_k=cfg.top_k if hard is not False else None,
+            max_violation=hparams["hard_weight"],
+            top_k=cfg.top_k,
             reduction=cfg.reduction,
             positives=losses.positives_from_ids(batch["image_id"]),
         )
@@ -122,12 +212,14 @@ def make_loss_fn(config):
 
 
 def hard_weight_fn(config):
-    """Weight of the MH term per step: 0 for SH, 1 for MH, SH→MH with a warm-up."""
-    if config.loss.warmup_steps:
-        if not config.loss.max_violation:
-            raise ValueError("config.loss.warmup_steps needs config.loss.max_violation=True.")
-        return losses.hard_negative_schedule(config.loss.warmup_steps)
-    return lambda step: np.float32(bool(config.loss.max_violation))
+    """Weight of the MH term per step, the one reading of ``max_violation``/``warmup_steps``.
+
+    0 for SH (VSE0); for MH (VSE++) 0 during the SH warm-up of ``warmup_steps`` steps and 1
+    after (1 from the start without a warm-up).
+    """
+    if not config.loss.max_violation:
+        return lambda step: np.float32(0.0)
+    return losses.hard_negative_schedule(config.loss.warmup_steps)
 
 
 def make_optimizer(config, num_steps: int, steps_per_epoch: int):
@@ -180,20 +272,41 @@ def evaluate_split(embed, state, source, vocab, config, *, folds: int = 1):
 # ----------------------------------------------------------------------------------------
 # Train and evaluate.
 # ----------------------------------------------------------------------------------------
-def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
+def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = False):
     """Trains a VSE model, keeps the best-dev-rsum checkpoint, evaluates it on the test set.
 
-    Resumes from ``<workdir>/checkpoints`` if a previous run left one (same batches,
-    same result). Writes ``metrics.jsonl`` + TensorBoard events, ``config.json``,
-    ``vocab.txt`` and ``results.json`` into ``workdir``.
+    What a run guarantees:
+
+    * a kill at any instant (SIGKILL, a crash) loses at most the steps since the last
+      checkpoint, never a saved best one: rerunning the same command resumes from the
+      latest checkpoint (same batches, same RNG) and ends bit-identical on CPU;
+    * SIGTERM (preemption) saves a checkpoint at the current step and returns
+      ``{"preempted": True, "step": N}``;
+    * a NaN/inf loss or gradient stops the run with ``FloatingPointError`` naming the step,
+      before that state can be evaluated or saved;
+    * a failed checkpoint write (disk full) stops the run with ``CheckpointWriteError``
+      naming the path, keeping the checkpoints committed before it;
+    * a workdir made by a different config is refused, listing the differing fields,
+      unless ``allow_config_change``.
+
+    Writes ``metrics.jsonl`` + TensorBoard events, ``config.json``, ``vocab.txt`` and
+    ``results.json`` into ``workdir``.
 
     Returns:
       ``{"dev": best dev RetrievalResult, "test": test RetrievalResult, "best_step": int,
-      "collapsed": bool, "history": [dev metrics per evaluation]}``.
+      "collapsed": bool, "history": [dev metrics per evaluation], "preempted": False}``,
+      or ``{"preempted": True, "step": int}`` when stopped by SIGTERM.
     """
-    os.makedirs(workdir, exist_ok=True)
-    if jax.process_index() == 0:
-        jt.config_to_json(config, os.path.join(workdir, "config.json"))
+    # Config: checked, and bound to the workdir, before anything is built ----------------
+    validate_config(config)
+    changes = jt.bind_config_to_workdir(
+        config,
+        workdir,
+        may_differ=resumable_fields(config),
+        allow_changes=allow_config_change,
+    )
+    if changes:
+        _say(f"Continuing {workdir} with changed config fields: {', '.join(changes)}.")
 
     # Data ------------------------------------------------------------------------------
     splits = load_splits(config, workdir)
@@ -214,13 +327,6 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
         group_size=group_size,
         shard_index=jax.process_index(),
         shard_count=jax.process_count(),
-    )
-    logging.info(
-        "%d training pairs, %d steps per epoch, %d steps, vocabulary %d",
-        5 * len(train_source),
-        steps_per_epoch,
-        num_steps,
-        len(vocab),
     )
 
     # Model and optimizer ----------------------------------------------------------------
@@ -247,53 +353,64 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     if ckpt.latest_step is not None:
         state, extra = ckpt.restore(state)
         data_iter.set_state(extra["data"])
-        logging.info("Resumed from step %d.", int(state.step))
+        _say(f"Resumed from step {int(state.step)} of {num_steps} ({workdir}).")
     start = int(state.step)
+    pairs = retrieval.CAPTIONS_PER_IMAGE * len(train_source)
+    _say(
+        f"{pairs} training pairs, {steps_per_epoch} steps per epoch, {num_steps} steps, "
+        f"vocabulary {len(vocab)}."
+    )
 
     # Loop -------------------------------------------------------------------------------
     writer = jt.MetricWriter(workdir)
+    guard = jt.FiniteGuard()  # no diverged state is ever evaluated or saved
     collapsed = False
-    pending = []
-    with jt.progress_bar(num_steps, initial=start, desc="train") as bar:
+    pending, digest = [], 0
+    with (
+        _finish_saves_on_error(ckpt, writer),
+        jt.PreemptionSignal(ckpt) as preempted,
+        jt.progress_bar(num_steps, initial=start, desc="train") as bar,
+    ):
         for step in range(start, num_steps):
-            batch = jt.shard_batch({k: v for k, v in next(data_iter).items() if k != "group"}, mesh)
+            host_batch = next(data_iter)
+            # Order-sensitive digest of the examples seen since the last log line.
+            digest = zlib.crc32(np.ascontiguousarray(host_batch["image_id"]).tobytes(), digest)
+            batch = jt.shard_batch(host_batch, mesh)
             state, metrics = train_step(state, batch, {"hard_weight": hard_weight(step)})
             done = step + 1
-            pending.append((done, metrics))
+            guard.update(done, metrics)
+            pending.append(metrics)
             if done % config.log_every == 0 or done == num_steps:
-                for logged_step, m in pending:  # the first non-finite step, if any
-                    jt.check_finite(m, logged_step)
-                summary = _mean_metrics([m for _, m in pending])
-                pending = []
+                guard.check(state.params)
+                summary = _mean_metrics(pending)
                 summary.update(
                     learning_rate=float(lr_schedule(step)), hard_weight=float(hard_weight(step))
                 )
-                writer.write(done, summary)
+                writer.write(done, {**summary, "data_digest": f"{digest:08x}"})
+                pending, digest = [], 0
                 bar.set_postfix(loss=f"{summary['loss']:.3f}")
-                spread = summary["sim_spread"]
-                if not collapsed and summary["hard_weight"] > 0 and spread < losses.COLLAPSE_SPREAD:
-                    collapsed = True
-                    logging.warning(
-                        "Step %d: embeddings collapsed: similarity spread %.2g, loss %.3f "
-                        "(MH gives 2·B·margin when all similarities are equal). Warm up with "
-                        "SH first (config.loss.warmup_steps).",
-                        done,
-                        spread,
-                        summary["loss"],
-                    )
-            if done % eval_every == 0 or done == num_steps:
-                dev_metrics = evaluate_split(embed, state, dev_source, vocab, config).as_dict(
-                    "dev_"
-                )
-                writer.write(done, dev_metrics)
-                ckpt.save(done, state, extra={"data": data_iter.get_state()}, metrics=dev_metrics)
-            elif done % config.checkpoint_every == 0 or ckpt.reached_preemption(done):
-                ckpt.save(done, state, extra={"data": data_iter.get_state()})
-            if ckpt.reached_preemption(done):
-                ckpt.wait_until_finished()
-                logging.warning("Preempted at step %d; the checkpoint is saved.", done)
-                return {}
+                collapsed = collapsed or _report_collapse(done, summary)
+            stop = preempted(done)
+            evaluate_now = done % eval_every == 0 or done == num_steps
+            if evaluate_now or stop or done % config.checkpoint_every == 0:
+                guard.check(state.params)
+                dev_metrics = None
+                if evaluate_now:
+                    dev = evaluate_split(embed, state, dev_source, vocab, config)
+                    dev_metrics = dev.as_dict("dev_")
+                    writer.write(done, dev_metrics)
+                extra = {"data": data_iter.get_state()}
+                ckpt.save(done, state, extra=extra, metrics=dev_metrics)
+            ckpt.check_for_errors()  # a failed background save stops the run here
             bar.update(1)
+            if stop:
+                writer.close()
+                ckpt.close()
+                _say(
+                    f"Preempted at step {done}: checkpoint saved in {workdir}; run the same "
+                    "command again to resume."
+                )
+                return {"preempted": True, "step": done}
     ckpt.wait_until_finished()
 
     # Test the best-dev checkpoint --------------------------------------------------------
@@ -316,6 +433,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
         "best_step": ckpt.best_step,
         "collapsed": collapsed,
         "history": history,
+        "preempted": False,
     }
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "results.json"), "w") as f:
@@ -332,6 +450,39 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     writer.close()
     ckpt.close()
     return results
+
+
+@contextlib.contextmanager
+def _finish_saves_on_error(ckpt, writer):
+    """On an error, lets the checkpoints being written commit and closes the metric files."""
+    try:
+        yield
+    except BaseException:
+        writer.close()
+        try:
+            ckpt.close()
+        except jt.CheckpointWriteError:
+            pass  # the error being raised already reports the failed write
+        raise
+
+
+def _report_collapse(step: int, summary: dict) -> bool:
+    """Warns, and returns True, when MH has collapsed the embeddings (all scores equal)."""
+    spread = summary["sim_spread"]
+    if summary["hard_weight"] == 0 or spread >= losses.COLLAPSE_SPREAD:
+        return False
+    _say(
+        f"Warning: step {step}: embeddings collapsed: similarity spread {spread:.2g}, loss "
+        f"{summary['loss']:.3f} (MH gives 2·B·margin when all similarities are equal). Warm "
+        "up with SH first (config.loss.warmup_steps)."
+    )
+    return True
+
+
+def _say(message: str) -> None:
+    """A status line the user sees at any logging verbosity (process 0, above the bar)."""
+    if jax.process_index() == 0:
+        tqdm.tqdm.write(message)
 
 
 def _mean_metrics(metrics: list[dict]) -> dict[str, float]:

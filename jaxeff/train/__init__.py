@@ -4,18 +4,26 @@ An experiment's ``train_and_evaluate`` reads top to bottom (big_vision style) an
 
 * :func:`make_mesh`, :func:`replicate`, :func:`shard_batch` -- data parallelism on one
   CPU, 8 fake devices or many hosts;
-* :func:`create_train_state`, :func:`make_train_step`, :func:`check_finite`,
-  :func:`merge_model` -- the jit-compiled update step of an nnx model;
+* :func:`create_train_state`, :func:`make_train_step`, :func:`merge_model` -- the
+  jit-compiled update step of an nnx model; :class:`FiniteGuard`, :func:`check_finite`
+  -- no diverged state is evaluated or saved;
 * :class:`Checkpointer` -- latest and best checkpoints with orbax, plus a JSON extra dict;
+  :class:`PreemptionSignal` -- SIGTERM saves and stops the loop;
 * :class:`MetricWriter`, :func:`read_metrics`, :func:`progress_bar` -- JSON-lines and
   TensorBoard logging;
-* :func:`load_config`, :func:`parse_config_overrides`, :func:`config_to_json` --
-  ml_collections configs.
+* :func:`check_numbers`, :func:`bind_config_to_workdir`, :func:`config_to_json` --
+  ml_collections configs checked at start-up and bound to their workdir.
 """
 
-from jaxeff.train.checkpoint import Checkpointer, abstract_like
-from jaxeff.train.config import config_to_json, load_config, parse_config_overrides
+from jaxeff.train.checkpoint import Checkpointer, CheckpointWriteError, abstract_like
+from jaxeff.train.config import (
+    bind_config_to_workdir,
+    check_numbers,
+    config_differences,
+    config_to_json,
+)
 from jaxeff.train.metrics import MetricWriter, progress_bar, read_metrics, to_python_scalars
+from jaxeff.train.preemption import PreemptionSignal
 from jaxeff.train.sharding import (
     data_sharding,
     make_mesh,
@@ -25,28 +33,35 @@ from jaxeff.train.sharding import (
 )
 from jaxeff.train.step import (
     RESERVED_METRICS,
+    FiniteGuard,
     TrainState,
     check_finite,
     create_train_state,
+    first_non_finite_leaf,
     make_train_step,
     merge_model,
 )
 
 __all__ = [
     "RESERVED_METRICS",
+    "CheckpointWriteError",
     "Checkpointer",
+    "FiniteGuard",
     "MetricWriter",
+    "PreemptionSignal",
     "TrainState",
     "abstract_like",
+    "bind_config_to_workdir",
     "check_finite",
+    "check_numbers",
+    "config_differences",
     "config_to_json",
     "create_train_state",
     "data_sharding",
-    "load_config",
+    "first_non_finite_leaf",
     "make_mesh",
     "make_train_step",
     "merge_model",
-    "parse_config_overrides",
     "progress_bar",
     "read_metrics",
     "replicate",

@@ -2,20 +2,30 @@
 
 Layout under ``directory``::
 
-  latest/<step>/state   the TrainState pytree (orbax StandardSave, sharded arrays)
-  latest/<step>/extra   a JSON dict: input-pipeline position, RNG seed, config, ...
-  best/<step>/...       the same two items for the best steps by ``best_metric``
+  <step>/state     the TrainState pytree (orbax StandardSave, sharded arrays)
+  <step>/extra     a JSON dict: input-pipeline position, RNG seed, config, ...
+  <step>/metrics   the evaluation metrics of the step, when it was evaluated
+
+One checkpoint per step holds everything: whether a step is among the best is read from
+its own ``metrics``, so "latest" and "best" are never two writes that a kill can
+separate. Old steps are deleted only after a newer one is committed, and only when they
+are neither among the ``keep_latest`` most recent nor among the ``keep_best`` best.
 
 Each save is written to a temporary directory and renamed when complete (orbax's atomic
 commit), so a run killed mid-save keeps every checkpoint it had finished; the unfinished
-one is ignored on restore. Saves are asynchronous by default: arrays are copied to host
-memory before :meth:`Checkpointer.save` returns (so donating the state to the next step
-is safe) and written in a background thread while training goes on.
+one is ignored on restore and its temporary directory removed when the next Checkpointer
+opens the directory. Saves are asynchronous by default: arrays are copied to host memory
+before :meth:`Checkpointer.save` returns (so donating the state to the next step is safe)
+and written in a background thread while training goes on. A failed write (disk full,
+permissions) is raised by the next call of :meth:`check_for_errors`, :meth:`save` or
+:meth:`wait_until_finished` as :class:`CheckpointWriteError`, naming the directory.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging as std_logging
 import math
 import os
 from collections.abc import Mapping
@@ -25,10 +35,25 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+from orbax.checkpoint.checkpoint_managers import preservation_policy as policies
 
-__all__ = ["Checkpointer", "abstract_like"]
+__all__ = ["CheckpointWriteError", "Checkpointer", "abstract_like"]
 
 _MODES = ("max", "min")
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written; the checkpoints committed before it are intact."""
+
+
+class _DropUntrackedMetricWarning(std_logging.Filter):
+    """Saves between evaluations have no metrics by design; orbax warns about each one."""
+
+    def filter(self, record):
+        return "Requested `tracked_metric`" not in str(record.msg)
+
+
+std_logging.getLogger("absl").addFilter(_DropUntrackedMetricWarning())
 
 
 def abstract_like(tree):
@@ -75,11 +100,11 @@ class Checkpointer:
 
     Args:
       directory: root directory (local path or a ``gs://`` URL); created if missing.
-      best_metric: name of the metric that ranks checkpoints in ``best/`` (e.g.
-        ``"rsum"``); ``None`` keeps no best checkpoints.
-      best_mode: ``"max"`` (higher is better) or ``"min"``.
-      keep_latest: how many of the most recent checkpoints to keep in ``latest/``.
-      keep_best: how many of the best checkpoints to keep in ``best/``.
+      best_metric: name of the metric that ranks checkpoints (e.g. ``"rsum"``); ``None``
+        keeps no best checkpoints.
+      best_mode: ``"max"`` (higher is better) or ``"min"``. Ties go to the later step.
+      keep_latest: how many of the most recent checkpoints to keep.
+      keep_best: how many of the best checkpoints to keep.
       async_save: write in a background thread (orbax async checkpointing).
 
     Every process of a multi-host run must create the Checkpointer and call
@@ -118,68 +143,66 @@ class Checkpointer:
         self.directory = _as_path(directory)
         self.best_metric = best_metric
         self.best_mode = best_mode
-        self.keep_best = keep_best
-        items = ("state", "extra")
-        self._latest = ocp.CheckpointManager(
-            self.directory / "latest",
-            item_names=items,
+        keep: list[policies.PreservationPolicy] = [policies.LatestN(n=keep_latest)]
+        if best_metric is not None:
+            keep.append(
+                policies.BestN(
+                    get_metric_fn=self._rank_value,
+                    n=keep_best,
+                    keep_checkpoints_without_metrics=False,
+                )
+            )
+        self._manager = ocp.CheckpointManager(
+            self.directory,
+            item_names=("state", "extra"),
             options=ocp.CheckpointManagerOptions(
-                max_to_keep=keep_latest, enable_async_checkpointing=async_save
+                # best_fn makes orbax store each step's metrics; deletion is the policy's.
+                best_fn=None if best_metric is None else self._rank_value,
+                preservation_policy=policies.AnyPreservationPolicy(keep),
+                cleanup_tmp_directories=True,
+                enable_async_checkpointing=async_save,
             ),
         )
-        self._best = None
-        self._best_values: list[tuple[float, int]] = []
+        self._best_values: list[tuple[float, int]] = []  # (rank value, step), best last
         if best_metric is not None:
-            self._best = ocp.CheckpointManager(
-                self.directory / "best",
-                item_names=items,
-                options=ocp.CheckpointManagerOptions(
-                    max_to_keep=keep_best,
-                    best_fn=lambda m: m[best_metric],
-                    best_mode=best_mode,
-                    keep_checkpoints_without_metrics=False,
-                    enable_async_checkpointing=async_save,
-                ),
-            )
-            for step in self._best.all_steps():
-                value = (self._best.metrics(step) or {}).get(best_metric)
-                if value is not None:
-                    self._best_values.append((float(value), step))
+            for step in self._manager.all_steps():
+                metrics = self._manager.metrics(step) or {}
+                if best_metric in metrics:
+                    self._best_values.append((self._rank_value(metrics), step))
+            self._best_values = sorted(self._best_values)[-keep_best:]
+        self._keep_best = keep_best
 
     # -- queries -----------------------------------------------------------------------
+    def _rank_value(self, metrics: Mapping[str, float]) -> float:
+        """Larger is better (orbax keeps the last of an ascending sort; ties: later step)."""
+        value = float(metrics[self.best_metric])
+        return value if self.best_mode == "max" else -value
+
     @property
     def latest_step(self) -> int | None:
-        """Step of the most recent complete checkpoint in ``latest/``, or ``None``."""
-        return self._latest.latest_step()
+        """Step of the most recent complete checkpoint, or ``None``."""
+        return self._manager.latest_step()
 
     @property
     def best_step(self) -> int | None:
         """Step of the best checkpoint by ``best_metric``, or ``None``."""
-        if not self._best_values:
-            return None
-        return self._ranked()[0][1]
+        return self._best_values[-1][1] if self._best_values else None
 
     @property
     def best_value(self) -> float | None:
         """Value of ``best_metric`` at :attr:`best_step`, or ``None``."""
         if not self._best_values:
             return None
-        return self._ranked()[0][0]
-
-    def _ranked(self) -> list[tuple[float, int]]:
-        return sorted(self._best_values, key=lambda vs: vs[0], reverse=self.best_mode == "max")
-
-    def _is_better(self, value: float) -> bool:
-        if not math.isfinite(value):
-            return False
-        if len(self._best_values) < self.keep_best:
-            return True
-        worst = self._ranked()[-1][0]
-        return value > worst if self.best_mode == "max" else value < worst
+        value = self._best_values[-1][0]
+        return value if self.best_mode == "max" else -value
 
     def reached_preemption(self, step: int) -> bool:
-        """True when the cluster signalled preemption; save and exit (all processes agree)."""
-        return self._latest.reached_preemption(step)
+        """True when a multi-host cluster signalled preemption (all processes agree).
+
+        JAX's preemption service runs only under ``jax.distributed``; a single process
+        catches SIGTERM itself (see :class:`jaxeff.train.PreemptionSignal`).
+        """
+        return self._manager.reached_preemption(step)
 
     # -- save / restore ----------------------------------------------------------------
     def save(
@@ -190,19 +213,23 @@ class Checkpointer:
         extra: Mapping[str, Any] | None = None,
         metrics: Mapping[str, Any] | None = None,
     ) -> bool:
-        """Saves ``state`` and ``extra`` as the latest checkpoint, and as a best one if due.
+        """Saves ``state``, ``extra`` and ``metrics`` as one checkpoint at ``step``.
 
         Args:
           step: the step number (int or scalar array), used as the checkpoint's name.
           state: the pytree to save (e.g. a ``TrainState``; may be sharded).
           extra: a JSON-serialisable dict saved alongside (input pipeline state, RNG
             seed, config, ...).
-          metrics: evaluation metrics at this step; when ``best_metric`` is set and
-            ``metrics[best_metric]`` is finite and among the ``keep_best`` best so far,
-            the checkpoint is also saved in ``best/``.
+          metrics: evaluation metrics at this step. With ``best_metric`` set, it must be
+            among them; a finite value ranks the checkpoint among the best, a non-finite
+            one is saved as a plain latest checkpoint.
 
         Returns:
-          Whether the checkpoint was saved as a best one.
+          Whether the checkpoint is among the ``keep_best`` best so far.
+
+        Raises:
+          CheckpointWriteError: an earlier asynchronous save failed, or this one did
+            (synchronous saves); nothing more is written.
         """
         step = int(np.asarray(step))
         extra = {} if extra is None else dict(extra)
@@ -210,24 +237,26 @@ class Checkpointer:
             json.dumps(extra)
         except TypeError as e:
             raise TypeError(f"`extra` must be JSON-serialisable: {e}") from e
+        ranked_metrics = None
+        if self.best_metric is not None and metrics is not None:
+            if self.best_metric not in metrics:
+                raise KeyError(
+                    f"`metrics` has no {self.best_metric!r} (the best_metric); got "
+                    f"{sorted(metrics)}."
+                )
+            scalars = _scalar_floats(metrics)
+            if math.isfinite(scalars.get(self.best_metric, math.nan)):
+                ranked_metrics = scalars
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(state), extra=ocp.args.JsonSave(extra)
         )
-        self._latest.save(step, args=args)
-        if self._best is None or metrics is None:
+        with _named_failures(self.directory):
+            self._manager.save(step, args=args, metrics=ranked_metrics)
+        if ranked_metrics is None:
             return False
-        if self.best_metric not in metrics:
-            raise KeyError(
-                f"`metrics` has no {self.best_metric!r} (the best_metric); got {sorted(metrics)}."
-            )
-        value = float(np.asarray(metrics[self.best_metric]))
-        if not self._is_better(value):
-            return False
-        scalars = _scalar_floats(metrics)
-        self._best.save(step, args=args, metrics=scalars)
-        self._best_values.append((value, step))
-        self._best_values = self._ranked()[: self.keep_best]
-        return True
+        self._best_values.append((self._rank_value(ranked_metrics), step))
+        self._best_values = sorted(self._best_values)[-self._keep_best :]
+        return any(s == step for _, s in self._best_values)
 
     def restore(self, target, *, which: str = "latest", step: int | None = None):
         """Restores a checkpoint into the structure, dtypes and shardings of ``target``.
@@ -247,18 +276,17 @@ class Checkpointer:
         """
         if which not in ("latest", "best"):
             raise ValueError(f"`which` must be 'latest' or 'best', got {which!r}.")
-        if which == "best" and self._best is None:
+        if which == "best" and self.best_metric is None:
             raise ValueError("`which='best'` needs a Checkpointer created with best_metric.")
-        manager = self._latest if which == "latest" else self._best
-        manager.wait_until_finished()
+        self.wait_until_finished()
         if step is None:
             step = self.latest_step if which == "latest" else self.best_step
-        if step is None or step not in manager.all_steps():
+        if step is None or step not in self._manager.all_steps():
             raise FileNotFoundError(
                 f"No {which} checkpoint{'' if step is None else f' at step {step}'} in "
-                f"{self.directory / which}."
+                f"{self.directory}."
             )
-        restored = manager.restore(
+        restored = self._manager.restore(
             step,
             args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(abstract_like(target)),
@@ -267,20 +295,45 @@ class Checkpointer:
         )
         return restored.state, dict(restored.extra or {})
 
+    def check_for_errors(self) -> None:
+        """Raises :class:`CheckpointWriteError` if a finished background save failed.
+
+        Cheap (no waiting): call it once per step so that a full disk stops the run at
+        the first failed save.
+        """
+        with _named_failures(self.directory):
+            self._manager.check_for_errors()
+            # orbax keeps a failed commit's error in its finished finalize thread, raised on
+            # joining it; joining a finished thread does not wait.
+            if not self._manager.is_saving_in_progress():
+                self._manager.wait_until_finished()
+
     def wait_until_finished(self) -> None:
         """Blocks until pending asynchronous saves are written and committed."""
-        self._latest.wait_until_finished()
-        if self._best is not None:
-            self._best.wait_until_finished()
+        with _named_failures(self.directory):
+            self._manager.wait_until_finished()
 
     def close(self) -> None:
         """Waits for pending saves and releases orbax resources."""
-        self._latest.close()
-        if self._best is not None:
-            self._best.close()
+        with _named_failures(self.directory):
+            self._manager.close()
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
         self.close()
+
+
+@contextlib.contextmanager
+def _named_failures(directory):
+    """Re-raises a failed checkpoint write as a :class:`CheckpointWriteError` naming the path."""
+    try:
+        yield
+    # ENOSPC, EFBIG, EACCES, ...: OSError from Python writes, ValueError from tensorstore.
+    except (OSError, ValueError) as error:
+        raise CheckpointWriteError(
+            f"Writing a checkpoint under {directory} failed: {error}. The checkpoints "
+            "committed before it are intact; free space or fix the directory, then rerun "
+            "the same command to resume."
+        ) from error

@@ -1,125 +1,38 @@
-"""ml_collections configs: command-line-style overrides for notebooks/tests, JSON for results.
+"""Configs: checked at start-up, saved next to the results, and bound to their workdir.
 
 Experiments define their config with ``config_flags.DEFINE_config_file("config", ...)``
-and run as ``python -m experiments.vse.main --config=experiments/vse/configs/default.py
---config.batch_size=64``. The helpers here apply the very same absl parser without a
-command line (``load_config``/``parse_config_overrides``) and save the resolved config
-next to the results (``config_to_json``).
+and run as ``python -m experiments.vsepp.main --config=experiments/vsepp/configs/default.py
+--config.batch_size=64``. Before anything is built, a run checks its numeric fields
+(:func:`check_numbers`) and that its workdir was not made by a different config
+(:func:`bind_config_to_workdir`), which also saves the resolved config as
+``<workdir>/config.json`` (:func:`config_to_json`).
 """
 
 from __future__ import annotations
 
-import copy
 import json
+import math
+import numbers
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping
 
+import jax
 import ml_collections
-from absl import flags
-from ml_collections import config_flags
 
-__all__ = ["config_to_json", "load_config", "parse_config_overrides"]
+__all__ = ["bind_config_to_workdir", "check_numbers", "config_differences", "config_to_json"]
 
-
-def _override_args(overrides: Sequence[str]) -> list[str]:
-    if isinstance(overrides, str) or not isinstance(overrides, Sequence):
-        raise TypeError(f"`overrides` must be a list of 'field=value' strings, got {overrides!r}.")
-    args = []
-    for item in overrides:
-        if not isinstance(item, str) or not item:
-            raise TypeError(f"`overrides` entries must be non-empty strings, got {item!r}.")
-        item = item.removeprefix("--").removeprefix("config.")
-        args.append(f"--config.{item}")
-    return args
-
-
-def _parse(define, overrides: Sequence[str]) -> ml_collections.ConfigDict:
-    argv = ["config", *_override_args(overrides)]
-    flag_values = flags.FlagValues()
-    try:
-        define(flag_values, argv)
-        flag_values(argv)
-    except AttributeError as e:
-        raise ValueError(
-            f"`overrides` {list(overrides)} name a field the config does not have: {e}"
-        ) from e
-    except flags.Error as e:
-        raise ValueError(f"`overrides`: {e}") from e
-    return flag_values["config"].value
-
-
-def parse_config_overrides(
-    config: ml_collections.ConfigDict, overrides: Sequence[str] = ()
-) -> ml_collections.ConfigDict:
-    """Applies command-line-style overrides to a copy of ``config``.
-
-    Parsing is exactly that of ``--config.<field>=<value>`` on the command line (types are
-    those of the existing fields; ``"flag"`` alone sets a bool to true).
-
-    Args:
-      config: an ``ml_collections.ConfigDict`` (not modified).
-      overrides: strings ``"field.sub=value"`` (a leading ``--config.`` is allowed).
-
-    Returns:
-      A new ``ConfigDict`` with the overrides applied, locked as on the command line
-      (existing fields can change, new ones cannot be added; ``config.unlocked()``
-      lifts that).
-
-    Raises:
-      ValueError: for an unknown field or a value of the wrong type.
-
-    Example::
-
-      config = parse_config_overrides(get_config(), ["batch_size=64", "model.dim=256"])
-    """
-    if not isinstance(config, ml_collections.ConfigDict):
-        raise TypeError(
-            f"`config` must be an ml_collections.ConfigDict, got {type(config).__name__}."
-        )
-    config = copy.deepcopy(config)
-
-    def define(flag_values, argv):
-        config_flags.DEFINE_config_dict("config", config, flag_values=flag_values, sys_argv=argv)
-
-    return _parse(define, overrides)
-
-
-def load_config(path: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
-    """Loads a config file (its ``get_config()``) and applies overrides, as ``--config=``.
-
-    Args:
-      path: a Python file defining ``get_config()``; ``"file.py:arg"`` passes ``arg`` to
-        ``get_config``, as on the command line.
-      overrides: strings ``"field.sub=value"``.
-
-    Returns:
-      The ``ConfigDict``.
-
-    Example::
-
-      config = load_config("experiments/vse/configs/default.py", ["num_steps=10"])
-    """
-    if not isinstance(path, str | os.PathLike):
-        raise TypeError(f"`path` must be a path string, got {type(path).__name__}.")
-    path = os.fspath(path)
-    if not os.path.exists(path.split(":", 1)[0]):
-        raise FileNotFoundError(f"`path`: no config file {path.split(':', 1)[0]}.")
-
-    def define(flag_values, argv):
-        config_flags.DEFINE_config_file(
-            "config", path, flag_values=flag_values, sys_argv=argv, lock_config=True
-        )
-
-    return _parse(define, overrides)
+CONFIG_FILENAME = "config.json"
 
 
 def config_to_json(config, path=None) -> str:
-    """Serialises a config to indented JSON, optionally writing it to ``path``.
+    """Serialises a config to indented JSON, optionally writing it to ``path`` atomically.
 
     Args:
       config: an ``ml_collections.ConfigDict`` or a plain dict. Values JSON cannot hold
         (functions, objects) are written as strings.
-      path: optional file to write (its directory is created).
+      path: optional file to write (its directory is created). The text goes to a
+        temporary file first and is renamed over ``path``, so a kill never leaves a
+        truncated config.
 
     Returns:
       The JSON text.
@@ -137,6 +50,124 @@ def config_to_json(config, path=None) -> str:
     if path is not None:
         path = os.fspath(path)
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(path, "w", encoding="utf-8") as f:
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with open(tmp, "w", encoding="utf-8") as f:
             f.write(text + "\n")
+        os.replace(tmp, path)
     return text
+
+
+def _get(config, field: str):
+    node = config
+    for part in field.split("."):
+        node = node[part]
+    return node
+
+
+def check_numbers(
+    config,
+    *,
+    positive: Iterable[str] = (),
+    non_negative: Iterable[str] = (),
+    fraction: Iterable[str] = (),
+) -> None:
+    """Checks numeric config fields before anything is built, naming the field on failure.
+
+    Args:
+      config: an ``ml_collections.ConfigDict`` (or nested dicts).
+      positive: dotted field names that must be finite numbers ``> 0``.
+      non_negative: dotted field names that must be finite numbers ``>= 0``.
+      fraction: dotted field names that must lie in ``[0, 1)``.
+
+    Raises:
+      ValueError: ``config.<field> must be ..., got <value>`` for the first bad field
+        (booleans and strings are not numbers).
+
+    Example::
+
+      check_numbers(config, positive=["batch_size", "learning_rate"], fraction=["decay"])
+    """
+    rules = (
+        (positive, lambda v: v > 0, "a positive number"),
+        (non_negative, lambda v: v >= 0, "a non-negative number"),
+        (fraction, lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    )
+    for fields, ok, expected in rules:
+        for field in fields:
+            value = _get(config, field)
+            is_number = isinstance(value, numbers.Real) and not isinstance(value, bool)
+            if not (is_number and math.isfinite(value) and ok(value)):
+                raise ValueError(f"config.{field} must be {expected}, got {value!r}.")
+
+
+def _flatten(tree: Mapping, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def config_differences(old: Mapping, new) -> dict[str, tuple]:
+    """Fields whose values differ between two configs: ``{dotted field: (old, new)}``.
+
+    Both are compared as JSON (tuples equal lists); a field present in one only differs
+    with ``<missing>`` on the other side.
+    """
+    old = _flatten(json.loads(config_to_json(dict(old))))
+    new = _flatten(json.loads(config_to_json(new)))
+    missing = "<missing>"
+    return {
+        k: (old.get(k, missing), new.get(k, missing))
+        for k in sorted(set(old) | set(new))
+        if old.get(k, missing) != new.get(k, missing)
+    }
+
+
+def bind_config_to_workdir(
+    config, workdir, *, may_differ: Iterable[str] = (), allow_changes: bool = False
+) -> dict[str, tuple]:
+    """Refuses to reuse a workdir made by a different config; saves ``config.json``.
+
+    A resumed run must continue the run its checkpoints came from. When
+    ``<workdir>/config.json`` exists, every field outside ``may_differ`` (fields such as
+    logging intervals that do not change the result) must equal the new config's.
+    ``config.json`` is written only once the config is known to match (process 0 only).
+
+    Args:
+      config: the run's ``ml_collections.ConfigDict``.
+      workdir: the run's directory (created if missing).
+      may_differ: dotted field names allowed to change between runs of one workdir.
+      allow_changes: continue despite other differences (the new config is saved).
+
+    Returns:
+      The differing fields, ``{field: (old, new)}`` (empty for a new or matching workdir).
+
+    Raises:
+      ValueError: listing each differing field with its old and new value.
+    """
+    workdir = os.fspath(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    path = os.path.join(workdir, CONFIG_FILENAME)
+    changes = {}
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            try:
+                saved = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path} is not valid JSON ({e}); move it away.") from None
+        allowed = set(may_differ)
+        changes = config_differences(saved, config)
+        blocking = {k: v for k, v in changes.items() if k not in allowed}
+        if blocking and not allow_changes:
+            listing = "\n".join(f"  {k}: {old!r} -> {new!r}" for k, (old, new) in blocking.items())
+            raise ValueError(
+                f"{workdir} holds a run with a different config:\n{listing}\n"
+                "Use a new workdir, or allow the change explicitly (--allow_config_change) "
+                "to continue this run with the new values."
+            )
+    if jax.process_index() == 0 and (changes or not os.path.exists(path)):
+        config_to_json(config, path)
+    return changes

@@ -22,9 +22,11 @@ from flax import nnx
 
 __all__ = [
     "RESERVED_METRICS",
+    "FiniteGuard",
     "TrainState",
     "check_finite",
     "create_train_state",
+    "first_non_finite_leaf",
     "make_train_step",
     "merge_model",
 ]
@@ -141,7 +143,8 @@ def make_train_step(
     and measures ``loss`` :math:`= \ell`, ``grad_norm`` :math:`= \|g\|_2` (global L2 norm of
     the gradient *before* the transform, i.e. before clipping), ``update_norm``
     :math:`= \|u\|_2`, ``param_norm`` :math:`= \|\theta'\|_2` (after the update, as in
-    big_vision), and ``finite``: true when the loss and every gradient entry are finite.
+    big_vision), and ``finite``: true when the loss, every gradient entry and every updated
+    parameter are finite (an update can overflow even from a finite gradient).
     Pass the metrics to :func:`check_finite` to stop on NaN/inf instead of training
     through it (or wrap ``tx`` in ``optax.apply_if_finite`` to skip such updates).
 
@@ -227,7 +230,7 @@ def make_train_step(
             "update_norm": optax.tree.norm(updates),
             "param_norm": optax.tree.norm(params),
             **aux,
-            "finite": jnp.isfinite(loss) & _all_finite(grads),
+            "finite": jnp.isfinite(loss) & _all_finite(grads) & _all_finite(params),
         }
         return new_state, metrics
 
@@ -256,24 +259,44 @@ def make_train_step(
     return step
 
 
-def check_finite(metrics: Mapping[str, Any], step) -> None:
+def first_non_finite_leaf(tree) -> str | None:
+    """Path of the first leaf of ``tree`` holding a NaN or infinity, or ``None``.
+
+    Example::
+
+      first_non_finite_leaf(state.params)   # "['encoder']['fc']['kernel'].value"
+    """
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+            continue
+        arr = np.asarray(leaf)
+        if arr.dtype.kind in "fc" and not np.all(np.isfinite(arr)):
+            return jax.tree_util.keystr(path)
+    return None
+
+
+def check_finite(metrics: Mapping[str, Any], step, *, params=None) -> None:
     """Raises ``FloatingPointError`` when a train step saw a NaN or infinite loss/gradient.
 
     Reading ``metrics["finite"]`` waits for the step to finish (a device-to-host sync);
-    call it every step for safety or at each logging step for speed.
+    call it every step for safety, or collect the steps' metrics in a
+    :class:`FiniteGuard` and check them only before each save and evaluation.
 
     Args:
       metrics: the metrics dict returned by a step of :func:`make_train_step`.
       step: the step number to report (int or scalar array).
+      params: optional parameters after the step; the error then names the first
+        non-finite parameter leaf.
 
     Raises:
-      FloatingPointError: naming the step and every non-finite scalar metric.
+      FloatingPointError: naming the step, every non-finite scalar metric and the first
+        non-finite parameter.
       KeyError: if ``metrics`` has no ``finite`` entry.
 
     Example::
 
       state, metrics = train_step(state, batch, hparams)
-      check_finite(metrics, step)
+      check_finite(metrics, step, params=state.params)
     """
     if "finite" not in metrics:
         raise KeyError(
@@ -291,7 +314,54 @@ def check_finite(metrics: Mapping[str, Any], step) -> None:
         if arr.dtype.kind in "fc" and not np.all(np.isfinite(arr)):
             bad[key] = arr.item() if arr.ndim == 0 else "non-finite array"
     detail = ", ".join(f"{k}={v}" for k, v in bad.items()) or "some gradient entries"
+    leaf = None if params is None else first_non_finite_leaf(params)
+    where = f"; first non-finite parameter: {leaf}" if leaf else ""
     raise FloatingPointError(
-        f"Non-finite loss or gradients at step {int(np.asarray(step))}: {detail}. "
+        f"Non-finite loss or gradients at step {int(np.asarray(step))}: {detail}{where}. "
         "Lower the learning rate, clip gradients, or check the batch for NaN/inf."
     )
+
+
+class FiniteGuard:
+    """Collects the steps' ``finite`` flags on device; :meth:`check` before saving or evaluating.
+
+    A diverged state must never be evaluated or written. Checking ``metrics["finite"]``
+    after every step would wait for each step to finish; the guard instead keeps the
+    flags since the last check and reads them all with one device-to-host transfer, so a
+    loop pays only at the points where it would save or evaluate anyway.
+
+    Example::
+
+      guard = FiniteGuard()
+      for step in range(num_steps):
+        state, metrics = train_step(state, batch)
+        guard.update(step + 1, metrics)
+        if (step + 1) % save_every == 0:
+          guard.check(state.params)        # raises FloatingPointError on NaN/inf
+          ckpt.save(step + 1, state)
+    """
+
+    def __init__(self):
+        self._pending: list[tuple[int, Mapping[str, Any]]] = []
+
+    def update(self, step: int, metrics: Mapping[str, Any]) -> None:
+        """Records the metrics of ``step`` (no device sync)."""
+        if "finite" not in metrics:
+            raise KeyError(
+                "`metrics` has no 'finite' entry; pass the metrics returned by make_train_step."
+            )
+        self._pending.append((int(step), metrics))
+
+    def check(self, params=None) -> None:
+        """Raises ``FloatingPointError`` naming the first non-finite step since the last check.
+
+        Args:
+          params: the current parameters; the error names their first non-finite leaf.
+        """
+        if not self._pending:
+            return
+        flags = jax.device_get([m["finite"] for _, m in self._pending])
+        pending, self._pending = self._pending, []
+        for (step, metrics), ok in zip(pending, flags, strict=True):
+            if not bool(ok):
+                check_finite(metrics, step, params=params)
