@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 
 import jax
 import numpy as np
@@ -92,39 +93,73 @@ def reference(num_steps=3):
     return losses, float(jax.numpy.sum(state.params["fc2"]["kernel"][...]))
 
 
-def test_two_process_data_parallel_matches_single_process(tmp_path):
+#: Seconds the whole cluster may take: it needs 5 s on an idle 2-core machine and 13 s on a
+#: busy one (mostly imports and compiles, in both processes at once); slow CI runners get
+#: a wide margin on top.
+CLUSTER_TIMEOUT_S = 300
+
+
+def run_cluster(workdir, logdir, num_processes=2, timeout=CLUSTER_TIMEOUT_S):
+    """Runs WORKER as processes 0..n-1 of one cluster; returns each process's stdout.
+
+    The processes share ``workdir``; their stdout and stderr go to files in ``logdir``.
+
+    Fails the test, with every process's stderr, as soon as one process exits non-zero (its
+    peers would otherwise wait for it until the coordinator gives up) or when the cluster
+    has not finished within ``timeout`` seconds. No process outlives the call.
+    """
     env = dict(
         os.environ,
         JAX_PLATFORMS="cpu",
         XLA_FLAGS="--xla_force_host_platform_device_count=2",
     )
     port = str(free_port())
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", WORKER, str(pid), port, str(tmp_path), TESTS_DIR],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for pid in range(2)
-    ]
-    outputs = []
+    workdir.mkdir(parents=True, exist_ok=True)
+    logdir.mkdir(parents=True, exist_ok=True)
+    logs = [(logdir / f"process{i}.out", logdir / f"process{i}.err") for i in range(num_processes)]
+    procs = []
     try:
-        for proc in procs:
-            outputs.append(proc.communicate(timeout=120))
-    except subprocess.TimeoutExpired:
-        for proc in procs:
-            proc.kill()
-            proc.communicate()
-        pytest.skip("2-process cluster on localhost did not finish within 120 s")
-    for proc, (_, err) in zip(procs, outputs, strict=True):
-        assert proc.returncode == 0, err[-3000:]
+        for pid, (out, err) in enumerate(logs):
+            with open(out, "w") as stdout, open(err, "w") as stderr:
+                procs.append(
+                    subprocess.Popen(
+                        [sys.executable, "-c", WORKER, str(pid), port, str(workdir), TESTS_DIR],
+                        env=env,
+                        stdout=stdout,
+                        stderr=stderr,
+                    )
+                )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            codes = [p.poll() for p in procs]
+            if all(c == 0 for c in codes) or any(c not in (None, 0) for c in codes):
+                break
+            time.sleep(0.2)
+        codes = [p.poll() for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+    if codes != [0] * num_processes:
+        status = ["still running (killed)" if c is None else f"exit code {c}" for c in codes]
+        report = "\n".join(
+            f"--- process {i}: {s}; stderr tail:\n{err.read_text()[-3000:]}"
+            for i, (s, (_, err)) in enumerate(zip(status, logs, strict=True))
+        )
+        pytest.fail(f"{num_processes}-process cluster on localhost (limit {timeout} s):\n{report}")
+    return [out.read_text() for out, _ in logs]
+
+
+def test_two_process_data_parallel_matches_single_process(tmp_path):
+    workdir = tmp_path / "work"
+    outputs = run_cluster(workdir, tmp_path / "logs")
 
     results = []
-    for out, _ in outputs:
-        line = [x for x in out.splitlines() if x.startswith("RESULT ")][-1]
-        results.append(json.loads(line.removeprefix("RESULT ")))
+    for pid, out in enumerate(outputs):
+        lines = [x for x in out.splitlines() if x.startswith("RESULT ")]
+        assert lines, f"process {pid} printed no RESULT line; stdout:\n{out[-3000:]}"
+        results.append(json.loads(lines[-1].removeprefix("RESULT ")))
 
     ref_losses, ref_kernel_sum = reference()
     for result in results:
@@ -132,6 +167,6 @@ def test_two_process_data_parallel_matches_single_process(tmp_path):
         np.testing.assert_allclose(result["kernel_sum"], ref_kernel_sum, rtol=1e-5, atol=1e-6)
         assert result["restored_equal"] and result["extra"] == {"seed": 0}
 
-    rows = read_metrics(tmp_path)  # written by process 0 only: one line per step
+    rows = read_metrics(workdir)  # written by process 0 only: one line per step
     assert [r["step"] for r in rows] == [0, 1, 2]
     np.testing.assert_allclose([r["loss"] for r in rows], ref_losses, rtol=1e-5)

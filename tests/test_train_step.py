@@ -1,5 +1,7 @@
 """Tests for jaxeff.train.step: train state, jitted update step, NaN detection."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -26,7 +28,14 @@ def tree_allclose(a, b, **kw):
     la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
     assert len(la) == len(lb)
     for x, y in zip(la, lb, strict=True):
-        np.testing.assert_allclose(np.asarray(x), np.asarray(y), **kw)
+        np.testing.assert_allclose(as_numbers(x), as_numbers(y), **kw)
+
+
+def as_numbers(x):
+    """``x`` as a numpy array; a typed PRNG key as its raw key data."""
+    if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+        x = jax.random.key_data(x)
+    return np.asarray(x)
 
 
 def test_create_train_state_splits_params_and_other_variables():
@@ -105,14 +114,35 @@ def test_new_batch_and_hparams_values_do_not_recompile():
 
 
 def test_donation_consumes_input_state():
-    tx = optax.sgd(0.1)
-    graphdef, state = create_train_state(MLP(nnx.Rngs(0)), tx)
-    state = jax.device_put(state)
-    step = make_train_step(graphdef, mse_loss, tx, donate=True)
-    new_state, _ = step(state, make_batch(0), {"weight": 1.0})
-    kernel = jax.tree.leaves(state.params)[0]
-    if kernel.is_deleted():  # donation is honoured on this backend
-        assert not jax.tree.leaves(new_state.params)[0].is_deleted()
+    tx = optax.adam(1e-2)
+    model = MLP(nnx.Rngs(0, dropout=1), batch_norm=True, dropout=0.5)
+    graphdef, state = create_train_state(model, tx)
+    leaves = jax.tree.leaves(state)
+    batch, hp = make_batch(0), {"weight": 1.0}
+    kept_step = make_train_step(graphdef, mse_loss, tx, donate=False)
+    donating_step = make_train_step(graphdef, mse_loss, tx)  # the default donates
+
+    def aliased_inputs(step):
+        hlo = step.jitted.lower(state, batch, hp).compile().as_text()
+        return sorted(int(i) for i in re.findall(r"\{\d+\}: \((\d+), \{\}, may-alias\)", hlo))
+
+    # Every state buffer (the first len(leaves) inputs), and nothing else, is aliased to an
+    # output, so XLA writes the new state in place.
+    assert aliased_inputs(donating_step) == list(range(len(leaves)))
+    assert aliased_inputs(kept_step) == []
+
+    kept_state, kept_metrics = kept_step(state, batch, hp)
+    assert not any(x.is_deleted() for x in leaves)
+
+    new_state, metrics = donating_step(state, batch, hp)
+    deleted = [x.is_deleted() for x in leaves]
+    assert all(deleted), f"{deleted.count(False)} of {len(leaves)} state buffers kept"
+    assert not any(x.is_deleted() for x in jax.tree.leaves(new_state))
+    with pytest.raises(RuntimeError, match="deleted"):
+        np.asarray(state.params["fc1"]["kernel"][...])
+    # Donation changes where the result lives, not what it is.
+    tree_allclose(new_state, kept_state, rtol=0, atol=0)
+    tree_allclose(metrics, kept_metrics, rtol=0, atol=0)
 
 
 def test_model_state_is_updated_batch_stats_and_rng():
