@@ -12,6 +12,7 @@ from flax import nnx
 
 from jaxeff.train import (
     RESERVED_METRICS,
+    FiniteGuard,
     TrainState,
     check_finite,
     create_train_state,
@@ -91,6 +92,120 @@ def test_step_matches_manual_grad_and_update():
         params = new_params
     # Clipping at 0.5 is active: the raw gradient is larger than the clip threshold.
     assert float(metrics["grad_norm"]) > 0.5
+
+
+def per_example_mse(model, batch, hparams):
+    """One squared error per example, shape (B,)."""
+    return jnp.mean((model(batch["x"]) - batch["y"]) ** 2, axis=1), {}
+
+
+def test_per_example_losses_are_reduced_by_the_batch_weights():
+    tx = optax.sgd(0.1)
+    graphdef, state = create_train_state(MLP(nnx.Rngs(0)), tx)
+    step = make_train_step(graphdef, per_example_mse, tx, donate=False)
+    batch = make_batch(3)
+    weights = np.random.default_rng(0).uniform(0, 2, size=16).astype(np.float32)
+
+    def loop_reference(params, w):
+        """Σ_i w_i ℓ_i, one example at a time."""
+        model = nnx.merge(graphdef, params)
+        total = 0.0
+        for i in range(16):
+            pred = model(batch["x"][i : i + 1])
+            total += w[i] * jnp.mean((pred - batch["y"][i : i + 1]) ** 2)
+        return total
+
+    for w, weighted_batch in (
+        (weights, {**batch, "weights": weights}),
+        (np.full(16, 1 / 16), batch),
+    ):
+        value, grads = jax.value_and_grad(loop_reference)(state.params, w)
+        new_state, metrics = step(state, weighted_batch)
+        np.testing.assert_allclose(metrics["loss"], value, rtol=1e-5)
+        expected = jax.tree.map(lambda p, g: p - 0.1 * g, state.params, grads)
+        tree_allclose(new_state.params, expected, rtol=1e-5, atol=1e-6)
+    # Without weights the per-example loss is the mean: the same step as the scalar loss.
+    mean_loss = lambda m, b, h: (per_example_mse(m, b, h)[0].mean(), {})
+    scalar = make_train_step(graphdef, mean_loss, tx, donate=False)
+    tree_allclose(scalar(state, batch)[0].params, step(state, batch)[0].params, rtol=1e-6)
+
+
+def recording(name):
+    """A GradientTransformationExtraArgs that keeps the extra argument ``name`` in its state."""
+
+    def init(params):
+        return {"seen": jnp.zeros(16 if name in ("weights", "per_example_losses") else ())}
+
+    def update(updates, state, params=None, **extra):
+        return updates, {"seen": jnp.asarray(extra[name], jnp.float32)}
+
+    return optax.GradientTransformationExtraArgs(init, update)
+
+
+def test_extra_args_reach_the_optimizer():
+    batch = {**make_batch(1), "weights": np.linspace(0.0, 1.0, 16, dtype=np.float32)}
+    tx = optax.chain(recording("value"), recording("weights"), optax.sgd(0.05))
+    graphdef, state = create_train_state(MLP(nnx.Rngs(0)), tx)
+    new_state, metrics = make_train_step(graphdef, per_example_mse, tx, donate=False)(state, batch)
+    np.testing.assert_allclose(new_state.opt_state[0]["seen"], metrics["loss"], rtol=1e-6)
+    np.testing.assert_array_equal(new_state.opt_state[1]["seen"], batch["weights"])
+
+    # A backtracking line search gets value_fn and accepts a step satisfying Armijo.
+    tx = optax.chain(optax.sgd(1.0), optax.scale_by_backtracking_linesearch(30))
+    graphdef, state = create_train_state(MLP(nnx.Rngs(0)), tx)
+    step = make_train_step(graphdef, mse_loss, tx, donate=False)
+    hp = {"weight": 1.0}
+    new_state, metrics = step(state, batch, hp)
+    after = mse_loss(nnx.merge(graphdef, new_state.params), batch, hp)[0]
+    lr = new_state.opt_state[1].learning_rate
+    assert (
+        float(after) <= float(metrics["loss"]) - 1e-4 * float(lr) * float(metrics["grad_norm"]) ** 2
+    )
+    assert 0 < float(lr) < 1.0  # it backtracked from the full step
+
+
+class Sowing(nnx.Module):
+    """An MLP that sows its hidden activations, as a probe would."""
+
+    def __init__(self, rngs):
+        self.fc1 = nnx.Linear(3, 8, rngs=rngs)
+        self.fc2 = nnx.Linear(8, 2, rngs=rngs)
+
+    def __call__(self, x):
+        h = jax.nn.relu(self.fc1(x))
+        self.sow(nnx.Intermediate, "hidden", h)
+        return self.fc2(h)
+
+
+def test_sown_values_stay_out_of_the_state():
+    tx = optax.sgd(0.1)
+    model = Sowing(nnx.Rngs(0))
+    model(make_batch(0)["x"])  # sows once before the state is made
+    graphdef, state = create_train_state(model, tx)
+    assert jax.tree.leaves(state.model_state) == []
+    step = make_train_step(graphdef, lambda m, b, h: (jnp.mean((m(b["x"]) - b["y"]) ** 2), {}), tx)
+    for i in range(3):  # the same state structure every step: one compilation
+        state, _ = step(state, make_batch(i))
+        assert jax.tree.leaves(state.model_state) == []
+    assert step.jitted._cache_size() == 1
+
+
+def test_finite_guard_names_the_first_bad_step_and_parameter():
+    tx = optax.sgd(0.1)
+    graphdef, state = create_train_state(MLP(nnx.Rngs(0)), tx)
+    step = make_train_step(graphdef, mse_loss, tx)
+    guard = FiniteGuard()
+    for i in range(2):
+        state, metrics = step(state, make_batch(i), {"weight": 1.0})
+        guard.update(i + 1, metrics)
+    guard.check(state.params)  # finite: passes, and forgets the checked steps
+    bad = make_batch(2)
+    bad["x"][5, 1] = np.nan
+    for i, batch in ((3, bad), (4, make_batch(4))):
+        state, metrics = step(state, batch, {"weight": 1.0})
+        guard.update(i, metrics)
+    with pytest.raises(FloatingPointError, match=r"at step 3: loss=nan.*parameter: \['fc1'\]"):
+        guard.check(state.params)
 
 
 def test_new_batch_and_hparams_values_do_not_recompile():
@@ -216,8 +331,17 @@ def test_bad_inputs_raise_clear_errors():
     def vector_loss(model, batch, hparams):
         return jnp.ones(3), {}
 
-    with pytest.raises(ValueError, match="scalar loss"):
+    with pytest.raises(ValueError, match="3 per-example losses for a batch of \\[16\\]"):
         make_train_step(graphdef, vector_loss, tx)(state, make_batch(0))
+
+    def matrix_loss(model, batch, hparams):
+        return jnp.ones((16, 2)), {}
+
+    with pytest.raises(ValueError, match="scalar loss or a \\(B,\\) vector"):
+        make_train_step(graphdef, matrix_loss, tx)(state, make_batch(0))
+    bad_weights = {**make_batch(0), "weights": np.ones(8, np.float32)}
+    with pytest.raises(ValueError, match=r"batch\['weights'\]. must hold one weight"):
+        make_train_step(graphdef, per_example_mse, tx)(state, bad_weights)
     with pytest.raises(TypeError, match="tx"):
         make_train_step(graphdef, mse_loss, "adam")
     with pytest.raises(KeyError, match="finite"):

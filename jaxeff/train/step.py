@@ -44,7 +44,8 @@ class TrainState:
       params: ``nnx.State`` of the model's ``nnx.Param`` variables (what is trained).
       opt_state: the optax state of ``tx`` for ``params``.
       model_state: ``nnx.State`` of every other model variable (batch statistics, RNG
-        keys and counters, ...); an empty state when the model has none.
+        keys and counters, ...); an empty state when the model has none. Values sown
+        during a forward pass (``nnx.Intermediate``) are never part of it.
     """
 
     step: jax.Array
@@ -76,6 +77,9 @@ def create_train_state(model: nnx.Module, tx: optax.GradientTransformation):
         raise TypeError(f"`model` must be an nnx.Module, got {type(model).__name__}.")
     if not isinstance(tx, optax.GradientTransformation):
         raise TypeError(f"`tx` must be an optax.GradientTransformation, got {type(tx).__name__}.")
+    if jax.tree.leaves(nnx.state(model, nnx.Intermediate)):
+        model = nnx.clone(model)  # values sown by an earlier call are not part of the graph
+        nnx.pop(model, nnx.Intermediate)
     graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
     state = TrainState(
         step=jnp.zeros((), jnp.int32),
@@ -110,6 +114,38 @@ def _all_finite(tree) -> jax.Array:
     return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in leaves] or [True]))
 
 
+def _reduce_loss(losses, batch, weights_key: str):
+    """``(loss, weights)``: a scalar as is, or ``Σ_i w_i ℓ_i`` of per-example losses."""
+    ndim = jnp.ndim(losses)
+    if ndim == 0:
+        return losses, None
+    if ndim != 1:
+        raise ValueError(
+            "`loss_fn` must return a scalar loss or a (B,) vector of per-example losses, got "
+            f"shape {jnp.shape(losses)}."
+        )
+    b = jnp.shape(losses)[0]
+    examples = batch
+    if isinstance(batch, Mapping):
+        examples = {k: v for k, v in batch.items() if k != weights_key}
+    sizes = {jnp.shape(x)[0] for x in jax.tree.leaves(examples) if jnp.ndim(x) > 0}
+    if sizes and sizes != {b}:
+        raise ValueError(
+            f"`loss_fn` returned {b} per-example losses for a batch of {sorted(sizes)} "
+            "examples; return one loss per example, or a scalar."
+        )
+    if isinstance(batch, Mapping) and weights_key in batch:
+        weights = batch[weights_key]
+        if jnp.shape(weights) != (b,):
+            raise ValueError(
+                f"`batch[{weights_key!r}]` must hold one weight per example, shape ({b},), "
+                f"got {jnp.shape(weights)}."
+            )
+    else:
+        weights = jnp.full((b,), 1.0 / b, jnp.result_type(losses))
+    return jnp.sum(weights * losses), weights
+
+
 def _replicated_like(sharding_tree):
     """A replicated ``NamedSharding`` on the mesh of the first leaf of ``sharding_tree``."""
     leaves = jax.tree.leaves(sharding_tree, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
@@ -130,6 +166,7 @@ def make_train_step(
     donate: bool = True,
     state_sharding=None,
     batch_sharding=None,
+    weights_key: str = "weights",
 ):
     r"""Builds the jit-compiled update step ``step(state, batch, hparams) -> (state, metrics)``.
 
@@ -148,16 +185,28 @@ def make_train_step(
     Pass the metrics to :func:`check_finite` to stop on NaN/inf instead of training
     through it (or wrap ``tx`` in ``optax.apply_if_finite`` to skip such updates).
 
+    The loss may be one number per example, :math:`\ell_i`: the step then minimises the
+    weighted sum :math:`\ell = \sum_i w_i \ell_i` with ``batch[weights_key]`` as
+    :math:`w` (e.g. the unbiasing weights of a stratified or importance sampler), or the
+    mean without weights.
+
+    When ``tx`` is an ``optax.GradientTransformationExtraArgs`` (e.g. ``optax.chain`` of
+    such transforms, or ``optax.scale_by_backtracking_linesearch``), its ``update`` also
+    receives ``value`` (:math:`\ell`), ``grad`` (:math:`g`), ``value_fn`` (the loss at
+    other parameters, for a line search) and, for per-example losses,
+    ``per_example_losses`` (:math:`\ell_i`) and ``weights``.
+
     ``hparams`` is a dict of scalars (e.g. the weight of a loss schedule). Its values are
     traced arguments of the compiled function, so changing them does not recompile;
     changing its keys or the dtype/weak type of a value (``1`` vs ``1.0``) does.
 
     Args:
       graphdef: the graph returned by :func:`create_train_state`.
-      loss_fn: ``loss_fn(model, batch, hparams) -> (loss, aux)``: a scalar loss and a dict
-        of extra metrics (may be empty). ``model`` is the merged nnx module in whatever mode
-        it was created in; changes the loss makes to non-parameter variables (batch
-        statistics, RNG counters) are kept in ``state.model_state``.
+      loss_fn: ``loss_fn(model, batch, hparams) -> (loss, aux)``: a scalar loss, or a
+        ``(B,)`` vector of per-example losses, and a dict of extra metrics (may be empty).
+        ``model`` is the merged nnx module in whatever mode it was created in; changes the
+        loss makes to non-parameter variables (batch statistics, RNG counters) are kept in
+        ``state.model_state``; values it sows (``nnx.Intermediate``) are dropped.
       tx: the optax transform (clipping and schedules included).
       donate: donate the input state's buffers to the output (saves memory; the state
         passed in must not be used again).
@@ -167,6 +216,8 @@ def make_train_step(
       batch_sharding: optional sharding of the batch (e.g. ``data_sharding(mesh)``),
         applied as a sharding constraint inside the step. The batch is best placed with
         :func:`jaxeff.train.shard_batch` beforehand.
+      weights_key: the batch entry holding the per-example weights ``(B,)`` that reduce a
+        per-example loss.
 
     Returns:
       ``step(state, batch, hparams=None) -> (new_state, metrics)``; ``metrics`` holds
@@ -202,24 +253,26 @@ def make_train_step(
                 raise TypeError(
                     f"`loss_fn` must return (loss, aux_metrics_dict), got {type(out).__name__}."
                 )
-            loss, aux = out
-            if jnp.shape(loss) != ():
-                raise ValueError(
-                    f"`loss_fn` must return a scalar loss, got shape {jnp.shape(loss)}."
-                )
-            _, _, model_state = nnx.split(model, nnx.Param, ...)
-            return loss, (dict(aux), model_state)
+            losses, aux = out
+            loss, weights = _reduce_loss(losses, batch, weights_key)
+            _, _, _, model_state = nnx.split(model, nnx.Param, nnx.Intermediate, ...)
+            return loss, (dict(aux), model_state, losses, weights)
 
-        (loss, (aux, model_state)), grads = jax.value_and_grad(compute_loss, has_aux=True)(
-            state.params
-        )
+        (loss, (aux, model_state, losses, weights)), grads = jax.value_and_grad(
+            compute_loss, has_aux=True
+        )(state.params)
         clash = sorted(set(aux) & set(RESERVED_METRICS))
         if clash:
             raise ValueError(
                 f"`loss_fn` aux metrics use reserved names {clash}; rename them "
                 f"(reserved: {RESERVED_METRICS})."
             )
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        extra = {}
+        if isinstance(tx, optax.GradientTransformationExtraArgs):
+            extra = {"value": loss, "grad": grads, "value_fn": lambda p, **_: compute_loss(p)[0]}
+            if weights is not None:
+                extra.update(per_example_losses=losses, weights=weights)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params, **extra)
         params = optax.apply_updates(state.params, updates)
         new_state = state.replace(
             step=state.step + 1, params=params, opt_state=opt_state, model_state=model_state
