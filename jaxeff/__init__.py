@@ -3,6 +3,7 @@
 Subpackages:
   losses     contrastive hinge losses with hard negatives (VSE++).
   retrieval  image-text retrieval metrics (R@K, median/mean rank, rsum).
+  pergrad    per-example gradients (vmap reference) and fast Dense/Conv gradient statistics.
   models     flax nnx models used by the experiments.
   data       tensorflow-datasets builders, generated datasets, grain pipelines.
   train      jit-compiled train steps, sharding, checkpoints, metric logging.
