@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxeff._sharding import gather_explicit
 from jaxeff.losses.similarity import MEASURES, check_embedding_pair, order_similarity
 
 __all__ = [
@@ -188,8 +189,8 @@ def _checked_embeddings(image_emb, caption_emb, captions_per_image):
             "per image in `image_emb` and the captions grouped by image."
         )
     with np.errstate(over="ignore"):  # values beyond float32 become inf, refused below
-        images = jnp.asarray(image_emb, jnp.float32)
-        captions = jnp.asarray(caption_emb, jnp.float32)
+        images = gather_explicit(jnp.asarray(image_emb, jnp.float32))
+        captions = gather_explicit(jnp.asarray(caption_emb, jnp.float32))
     for name, x in (("image_emb", images), ("caption_emb", captions)):
         bad = np.flatnonzero(~np.asarray(jnp.all(jnp.isfinite(x), axis=1)))
         if bad.size:

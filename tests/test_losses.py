@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 from jaxeff import losses
 
@@ -171,11 +171,14 @@ def test_collapse_indicator():
     assert not bool(losses.is_collapsed(losses.similarity_matrix(im, im)))
 
 
-def test_global_batch_negatives_when_sharded():
+@pytest.mark.parametrize("axis_type", ["explicit", "auto"])
+def test_global_batch_negatives_when_sharded(axis_type):
     # 16 pairs over 8 devices, 2 per shard. Caption 9 (device 4) equals image 0 (device 0):
     # it is the hardest negative of image query 0, and image 0 that of caption query 9, but
-    # neither is on the query's own shard, so per-device negatives would miss them.
-    mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+    # neither is on the query's own shard, so per-device negatives would miss them. Meshes
+    # of both axis types: jax.make_mesh's default (explicit) makes shardings part of types.
+    types = {"explicit": AxisType.Explicit, "auto": AxisType.Auto}
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(types[axis_type],))
     im, s = unit(jax.random.key(10), (16, 8)), unit(jax.random.key(11), (16, 8))
     s = s.at[9].set(im[0])
     sharding = NamedSharding(mesh, PartitionSpec("data"))
@@ -199,6 +202,12 @@ def test_global_batch_negatives_when_sharded():
         np.asarray(im), np.asarray(s), margin=0.2, measure="cosine", max_violation=True
     )
     np.testing.assert_allclose(sharded, want, rtol=1e-5)
+    for measure in ("cosine", "order"):  # loss and gradient under jit, equal to one device
+        f = lambda a, b, m=measure: losses.vse_hinge_loss(jnp.abs(a), jnp.abs(b), measure=m)
+        np.testing.assert_allclose(jax.jit(f)(im_sharded, s_sharded), f(im, s), rtol=1e-5)
+        grads = jax.jit(jax.grad(f, argnums=(0, 1)))(im_sharded, s_sharded)
+        for got, want_grad in zip(grads, jax.grad(f, argnums=(0, 1))(im, s), strict=True):
+            np.testing.assert_allclose(got, want_grad, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(
         jnp.sum(per_device), sum(loss(im[i : i + 2], s[i : i + 2]) for i in range(0, 16, 2))
     )

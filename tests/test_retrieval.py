@@ -3,8 +3,10 @@
 import inspect
 import math
 
+import jax
 import numpy as np
 import pytest
+from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 from jaxeff import retrieval
 
@@ -154,6 +156,21 @@ def test_exact_duplicates_count_against_the_model(measure, chunk_size):
     duplicated = np.concatenate([np.arange(5 * i, 5 * i + 5) for i in (0, 2, 5, 6, 7, 12)])
     assert np.all(t2i[duplicated] >= 1)
     assert i2t[4] >= 1  # image 4's best caption ties with a caption of image 9
+
+
+@pytest.mark.parametrize("axis_type", ["explicit", "auto"])
+def test_embeddings_sharded_over_a_mesh(axis_type):
+    # jax.make_mesh's default axes are explicit: a sharding is part of the array's type.
+    types = {"explicit": AxisType.Explicit, "auto": AxisType.Auto}
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(types[axis_type],))
+    images, captions = embeddings_with_duplicates("cosine")
+    rows = NamedSharding(mesh, PartitionSpec("data"))
+    n = 8 * (len(images) // 8)
+    sharded = retrieval.retrieval_ranks(
+        jax.device_put(images[:n], rows), jax.device_put(captions[: 5 * n], rows)
+    )
+    for got, want in zip(sharded, pessimistic_ranks(images[:n], captions[: 5 * n]), strict=True):
+        np.testing.assert_array_equal(got, want)
 
 
 def test_exact_duplicates_with_other_captions_per_image():

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxeff._sharding import gather_explicit
 from jaxeff.losses.similarity import check_embedding_pair, similarity_matrix
 
 REDUCTIONS = ("sum", "mean")
@@ -120,6 +121,8 @@ def hinge_costs(scores, *, margin: float = 0.2, positives=None):
     """
     _check_scores(scores, positives)
     _check_margin(margin)
+    # Every query needs every negative: the whole (B, B) matrix on each device.
+    scores = gather_explicit(scores)
     diagonal = jnp.diagonal(scores)
     cost_s = jax.nn.relu(margin + scores - diagonal[:, None])
     cost_im = jax.nn.relu(margin + scores.T - diagonal[:, None])

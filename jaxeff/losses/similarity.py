@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
+from jaxeff._sharding import gather_explicit
+
 MEASURES = ("cosine", "order")
 
 
@@ -105,8 +107,11 @@ def similarity_matrix(images, captions, *, measure: str = "cosine"):
         measure: ``"cosine"`` (inner product of normalised embeddings) or ``"order"``.
 
     Returns:
-        ``(N, M)`` similarity matrix.
+        ``(N, M)`` similarity matrix. With inputs sharded over an explicit mesh axis (the
+        default of ``jax.make_mesh``), the captions are gathered and the rows keep the
+        images' sharding.
     """
+    captions = gather_explicit(captions)
     if measure == "cosine":
         return cosine_similarity(images, captions)
     if measure == "order":
