@@ -83,6 +83,10 @@ def test_resumed_run_matches_uninterrupted_run(shapes_run, tmp_path):
     train.train_and_evaluate(first, workdir)  # stops (as if killed) after the step-6 save
     resumed = train.train_and_evaluate(config, workdir)
     np.testing.assert_allclose(resumed["test"].rsum, results["test"].rsum, rtol=1e-5)
+    # The dev history before the stop came back from the checkpoint, not from the log.
+    assert [r["step"] for r in resumed["history"]] == [6, 12]
+    for got, want in zip(resumed["history"], results["history"], strict=True):
+        np.testing.assert_allclose(got["dev_rsum"], want["dev_rsum"], rtol=1e-5)
     losses = lambda d: {r["step"]: r["loss"] for r in jt.read_metrics(d) if "loss" in r}
     np.testing.assert_allclose(losses(workdir)[12], losses(shapes_run[1])[12], rtol=1e-5)
 

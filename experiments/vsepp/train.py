@@ -350,9 +350,12 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
     # Checkpoint: resume from the latest, keep the best by dev rsum ------------------------
     ckpt = jt.Checkpointer(os.path.join(workdir, "checkpoints"), best_metric="dev_rsum")
     data_iter = iter(train_data)
+    # The run's own record travels with its checkpoints (no process reads the log back).
+    history, collapsed = [], False  # dev metrics of each evaluation; whether MH collapsed
     if ckpt.latest_step is not None:
         state, extra = ckpt.restore(state)
         data_iter.set_state(extra["data"])
+        history, collapsed = extra["dev_history"], extra["collapsed"]
         _say(f"Resumed from step {int(state.step)} of {num_steps} ({workdir}).")
     start = int(state.step)
     pairs = retrieval.CAPTIONS_PER_IMAGE * len(train_source)
@@ -364,7 +367,6 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
     # Loop -------------------------------------------------------------------------------
     writer = jt.MetricWriter(workdir)
     guard = jt.FiniteGuard()  # no diverged state is ever evaluated or saved
-    collapsed = False
     pending, digest = [], 0
     with (
         _finish_saves_on_error(ckpt, writer),
@@ -399,7 +401,12 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
                     dev = evaluate_split(embed, state, dev_source, vocab, config)
                     dev_metrics = dev.as_dict("dev_")
                     writer.write(done, dev_metrics)
-                extra = {"data": data_iter.get_state()}
+                    history.append({"step": done, **dev_metrics})
+                extra = {
+                    "data": data_iter.get_state(),
+                    "dev_history": history,
+                    "collapsed": collapsed,
+                }
                 ckpt.save(done, state, extra=extra, metrics=dev_metrics)
             ckpt.check_for_errors()  # a failed background save stops the run here
             bar.update(1)
@@ -415,11 +422,8 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
 
     # Test the best-dev checkpoint --------------------------------------------------------
     best, _ = ckpt.restore(state, which="best")
-    history = [r for r in jt.read_metrics(workdir) if "dev_rsum" in r]
-    # The best step's dev numbers were logged when it was saved (the last line wins after a
-    # resume repeated some steps).
     dev = retrieval.RetrievalResult.from_dict(
-        [r for r in history if r["step"] == ckpt.best_step][-1], prefix="dev_"
+        next(r for r in history if r["step"] == ckpt.best_step), prefix="dev_"
     )
     test_split = config.data.test_split
     test = (
