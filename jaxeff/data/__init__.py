@@ -5,8 +5,11 @@ Builders register with tensorflow-datasets on import of their module:
 (:mod:`jaxeff.data.flickr30k`) and ``jaxeff_shapes`` (:mod:`jaxeff.data.shapes_builder`).
 """
 
+from jaxeff.data.classification import corrupt_labels, duplicate_examples, imbalance_classes
 from jaxeff.data.coco import COCO_SPLITS, coco_captions_source
+from jaxeff.data.digits import DIGITS_CLASSES, DIGITS_SHAPE, load_digits
 from jaxeff.data.flickr30k import Flickr30k, Flickr30kConfig, build_flickr30k, load_karpathy_json
+from jaxeff.data.mnist_cifar import IMAGE_DATASETS, load_image_classification, num_classes
 from jaxeff.data.pipeline import (
     batches_per_epoch,
     caption_texts,
@@ -31,6 +34,15 @@ from jaxeff.data.vocab import (
 from jaxeff.retrieval import CAPTIONS_PER_IMAGE
 
 __all__ = [
+    "num_classes",
+    "load_image_classification",
+    "IMAGE_DATASETS",
+    "load_digits",
+    "DIGITS_SHAPE",
+    "DIGITS_CLASSES",
+    "imbalance_classes",
+    "duplicate_examples",
+    "corrupt_labels",
     "CAPTIONS_PER_IMAGE",
     "COCO_SPLITS",
     "END_ID",
