@@ -1,17 +1,23 @@
-r"""Quickstart: hard negatives (VSE++) vs the sum of hinges (VSE0) on generated data.
+r"""Quickstart: one short run per research result, on data that ships with jaxeff or its
+dependencies.
 
     python -m experiments.quickstart [--workdir runs/quickstart] [--seeds 3]
+        [--sections vsepp,gvar]
 
-Builds the near-twin shapes dataset (families of 8 images that differ in one attribute:
-swapped positions, swapped colours, swapped shapes, ...), then trains the same model
-twice per seed: with the sum of hinges (SH, VSE0) and with the max of hinges (MH,
-VSE++, after an SH warm-up that avoids MH's collapse from scratch). Prints the test
-retrieval table side by side with the paired R@1 gain, and writes
-``<workdir>/results.json``, ``dev_curves.png`` and ``test_recalls.png``. Each run also
-leaves ``metrics.jsonl`` and TensorBoard events in its own folder.
+* ``vsepp``: hard negatives (VSE++) vs the sum of hinges (VSE0) on generated near-twin
+  shape scenes (families of 8 images that differ in one attribute). The same model is
+  trained twice per seed, with the sum of hinges (SH, VSE0) and with the max of hinges
+  (MH, VSE++, after an SH warm-up that avoids MH's collapse from scratch); prints the test
+  retrieval table with the paired R@1 gain and writes ``dev_curves.png`` and
+  ``test_recalls.png``. Faghri et al., "VSE++: Improving Visual-Semantic Embeddings with
+  Hard Negatives", BMVC 2018, https://arxiv.org/abs/1707.05612.
+* ``gvar``: gradient variance of SGD with batch B, SGD with 2B, SVRG and SGD's exact
+  variance along one SGD run of an MLP on scikit-learn's digits; prints the mean of each
+  over the run and writes ``gradient_variance.png``. Faghri, Duvenaud, Fleet, Ba, "A Study
+  of Gradient Variance in Deep Learning", https://arxiv.org/abs/2007.04532.
 
-Faghri et al., "VSE++: Improving Visual-Semantic Embeddings with Hard Negatives",
-BMVC 2018, https://arxiv.org/abs/1707.05612.
+Everything lands in ``<workdir>/results.json``; each run also leaves ``metrics.jsonl`` and
+TensorBoard events in its own folder.
 """
 
 from __future__ import annotations
@@ -24,9 +30,13 @@ import time
 import numpy as np
 from absl import logging
 
+from experiments.gvar import train as gvar_train
+from experiments.gvar.configs import default as gvar_default
 from experiments.vsepp import plots, train
 from experiments.vsepp.configs import shapes
-from jaxeff import retrieval
+from jaxeff import gvar, retrieval
+
+SECTIONS = ("vsepp", "gvar")
 
 
 def run_configs(steps: int, families: int, eval_families: int = 125):
@@ -45,16 +55,15 @@ def run_configs(steps: int, families: int, eval_families: int = 125):
     return {"VSE0 (SH)": sh, "VSE++ (MH)": mh}
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", default="runs/quickstart")
-    parser.add_argument("--seeds", type=int, default=1, help="seeds per loss (paired)")
-    parser.add_argument("--steps", type=int, default=3000, help="training steps per run")
-    parser.add_argument("--families", type=int, default=1024, help="training families of 8")
-    parser.add_argument("--eval-families", type=int, default=125, help="dev/test families of 8")
-    args = parser.parse_args(argv)
-    logging.set_verbosity(logging.WARNING)  # keep checkpointing chatter out of the way
+class Preempted(Exception):
+    """A run stopped on SIGTERM after saving; rerunning the quickstart continues it."""
 
+
+# ----------------------------------------------------------------------------------------
+# Hard negatives (VSE++).
+# ----------------------------------------------------------------------------------------
+def vsepp_section(args) -> dict:
+    """SH and SH→MH per seed; the test table, the paired R@1 gain and two plots."""
     tests, histories = {}, {}
     start = time.time()
     for seed in range(args.seeds):
@@ -65,8 +74,7 @@ def main(argv=None):
             print(f"== {name}, seed {seed} -> {workdir}", flush=True)
             result = train.train_and_evaluate(config, workdir)
             if result["preempted"]:
-                print("Preempted: run the same command again to continue where it stopped.")
-                return None
+                raise Preempted
             tests.setdefault(name, []).append(result["test"])
             histories.setdefault(name, []).append(result["history"])
             if result["collapsed"]:
@@ -86,23 +94,89 @@ def main(argv=None):
             + ", ".join(f"{x:+.1f}" for x in g)
             + ")"
         )
-
-    os.makedirs(args.workdir, exist_ok=True)
     plots.plot_dev_curves(histories, os.path.join(args.workdir, "dev_curves.png"))
     plots.plot_test_recalls(tests, os.path.join(args.workdir, "test_recalls.png"))
+    return {
+        "table": table,
+        "gains": gains,
+        "json": {
+            "seeds": args.seeds,
+            "steps": args.steps,
+            "test": {n: [r.as_dict() for r in runs] for n, runs in tests.items()},
+            "r1_gain_mh_minus_sh": gains,
+        },
+    }
+
+
+# ----------------------------------------------------------------------------------------
+# Gradient variance.
+# ----------------------------------------------------------------------------------------
+def gvar_section(args) -> dict:
+    """One SGD run on digits, its estimators measured along the way; a table and a plot."""
+    config = gvar_default.get_config()
+    config.num_steps = args.gvar_steps
+    config.gvar.measure_every = max(args.gvar_steps // 30, 1)
+    config.gvar.svrg_snapshot_every = max(args.gvar_steps // 6, 1)
+    config.checkpoint_every = args.gvar_steps
+    workdir = os.path.join(args.workdir, "gvar")
+    print(f"== gradient variance, digits MLP, batch {config.batch_size} -> {workdir}", flush=True)
+    start = time.time()
+    result = gvar_train.train_and_evaluate(config, workdir)
+    if result["preempted"]:
+        raise Preempted
+    records = result["records"]
+    names = list(dict.fromkeys(r["estimator"] for r in records))
+    mean = {
+        name: float(np.mean([r["variance"] for r in records if r["estimator"] == name]))
+        for name in names
+    }
+    steps = len({r["step"] for r in records})
+    print(f"\nMean over {steps} measured steps, {time.time() - start:.0f} s:")
+    print(f"{'estimator':<12} {'variance':>10} {'/ SGD-B':>8}")
+    for name in names:
+        print(f"{name:<12} {mean[name]:10.3g} {mean[name] / mean['sgd']:8.2f}")
+    gvar.plot_records(
+        records,
+        os.path.join(args.workdir, "gradient_variance.png"),
+        title=f"digits MLP, batch {config.batch_size}",
+    )
+    return {"mean_variance": mean, "test": result["final"], "json": {"mean_variance": mean}}
+
+
+# ----------------------------------------------------------------------------------------
+# Main.
+# ----------------------------------------------------------------------------------------
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", default="runs/quickstart")
+    parser.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated")
+    parser.add_argument("--seeds", type=int, default=1, help="VSE++: seeds per loss (paired)")
+    parser.add_argument("--steps", type=int, default=3000, help="VSE++: training steps per run")
+    parser.add_argument("--families", type=int, default=1024, help="VSE++: families of 8")
+    parser.add_argument("--eval-families", type=int, default=125, help="VSE++: dev/test families")
+    parser.add_argument("--gvar-steps", type=int, default=3000, help="gradient variance: steps")
+    args = parser.parse_args(argv)
+    sections = [s for s in args.sections.split(",") if s]
+    unknown = sorted(set(sections) - set(SECTIONS))
+    if unknown:
+        parser.error(f"--sections: unknown {unknown}; choose from {list(SECTIONS)}")
+    logging.set_verbosity(logging.WARNING)  # keep checkpointing chatter out of the way
+
+    os.makedirs(args.workdir, exist_ok=True)
+    run = {"vsepp": vsepp_section, "gvar": gvar_section}
+    results, seconds = {}, {}
+    try:
+        for name in sections:
+            start = time.time()
+            results[name] = run[name](args)
+            seconds[name] = round(time.time() - start, 1)
+    except Preempted:
+        print("Preempted: run the same command again to continue where it stopped.")
+        return None
     with open(os.path.join(args.workdir, "results.json"), "w") as f:
-        json.dump(
-            {
-                "seeds": args.seeds,
-                "steps": args.steps,
-                "test": {n: [r.as_dict() for r in runs] for n, runs in tests.items()},
-                "r1_gain_mh_minus_sh": gains,
-            },
-            f,
-            indent=2,
-        )
-    print(f"Plots and results in {args.workdir}/")
-    return table, gains
+        json.dump({"seconds": seconds, **{k: v["json"] for k, v in results.items()}}, f, indent=2)
+    print(f"Sections took {seconds} seconds. Plots and results in {args.workdir}/")
+    return results
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from _data_files import write_precomp
 from experiments import quickstart
 from experiments.vsepp import evaluate, train
 from experiments.vsepp.configs import default, order0, shapes
-from jaxeff import retrieval
+from jaxeff import gvar, retrieval
 from jaxeff import train as jt
 
 
@@ -190,10 +190,12 @@ def test_workdir_with_another_config_is_refused(shapes_run, tmp_path):
 
 
 def test_quickstart_table_gains_and_files_agree_with_its_runs(tmp_path, capsys):
-    table, gains = quickstart.main(
+    results = quickstart.main(
         ["--workdir", str(tmp_path), "--steps", "6", "--families", "16", "--eval-families", "4"]
+        + ["--gvar-steps", "60"]
     )
     printed = capsys.readouterr().out
+    table, gains = results["vsepp"]["table"], results["vsepp"]["gains"]
     runs = {}
     for name, folder in (("VSE0 (SH)", "vse0"), ("VSE++ (MH)", "vse++")):
         with open(tmp_path / folder / "seed0" / "results.json") as f:
@@ -208,8 +210,19 @@ def test_quickstart_table_gains_and_files_agree_with_its_runs(tmp_path, capsys):
     assert gains == {"i2t": [mh.i2t.r1 - sh.i2t.r1], "t2i": [mh.t2i.r1 - sh.t2i.r1]}
     with open(tmp_path / "results.json") as f:
         saved = json.load(f)
-    assert saved["r1_gain_mh_minus_sh"] == gains and saved["steps"] == 6
-    assert saved["test"] == {name: [run.as_dict()] for name, run in runs.items()}
-    for name in ("dev_curves.png", "test_recalls.png"):
+    assert saved["vsepp"]["r1_gain_mh_minus_sh"] == gains and saved["vsepp"]["steps"] == 6
+    assert saved["vsepp"]["test"] == {name: [run.as_dict()] for name, run in runs.items()}
+    assert set(saved["seconds"]) == {"vsepp", "gvar"}
+
+    # Gradient variance: the printed means are those of the run's own records.
+    records = gvar.read_records(tmp_path / "gvar" / "gvar.jsonl")
+    mean = saved["gvar"]["mean_variance"]
+    assert set(mean) == {"sgd", "sgd_2b", "exact_sgd", "svrg"}
+    for name, value in mean.items():
+        values = [r["variance"] for r in records if r["estimator"] == name]
+        np.testing.assert_allclose(value, np.mean(values), rtol=1e-12)
+        assert f"{name:<12} {value:10.3g} {value / mean['sgd']:8.2f}" in printed
+    assert 0.3 < mean["sgd_2b"] / mean["sgd"] < 0.8  # twice the batch, about half
+    for name in ("dev_curves.png", "test_recalls.png", "gradient_variance.png"):
         with open(tmp_path / name, "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n" and os.path.getsize(tmp_path / name) > 10_000
