@@ -1,0 +1,56 @@
+"""Robustness and optimisation bias of linear models.
+
+Lp and Fourier-domain norms with their duals and projections, exact closed-form robustness
+of linear classifiers (worst-case perturbations, robust margins, robust-accuracy curves,
+certified radii), max-margin classifiers in any norm (cvxpy), and steepest descent in a
+norm as optax transformations.
+
+``p`` is always the norm of the perturbation (``1, 2, jnp.inf, "fourier_inf", ...``);
+``norm`` is the norm on the weights (:func:`max_margin`) or the geometry of the step
+(:func:`steepest_descent`). A classifier robust to ``p`` perturbations is the max-margin
+one in ``norm = dual_exponent(p)``.
+
+Faghri, Gowal, Vasconcelos, Fleet, Pedregosa, Le Roux, "Bridging the Gap Between
+Adversarial Robustness and Optimization Bias", https://arxiv.org/abs/2102.08868.
+"""
+
+from jaxeff.robust.fourier import dft, idft
+from jaxeff.robust.linear import (
+    certified_radius,
+    max_eps_at_accuracy,
+    normalized_margin,
+    robust_accuracy,
+    robust_margin,
+    worst_case_perturbation,
+)
+from jaxeff.robust.max_margin import MaxMarginSolution, max_margin
+from jaxeff.robust.norms import (
+    FOURIER_NORMS,
+    dual_exponent,
+    dual_norm,
+    maximizing_direction,
+    norm,
+)
+from jaxeff.robust.projections import project
+from jaxeff.robust.steepest_descent import scale_by_steepest_descent, steepest_descent
+
+__all__ = [
+    "FOURIER_NORMS",
+    "MaxMarginSolution",
+    "certified_radius",
+    "dft",
+    "dual_exponent",
+    "dual_norm",
+    "idft",
+    "max_eps_at_accuracy",
+    "max_margin",
+    "maximizing_direction",
+    "norm",
+    "normalized_margin",
+    "project",
+    "robust_accuracy",
+    "robust_margin",
+    "scale_by_steepest_descent",
+    "steepest_descent",
+    "worst_case_perturbation",
+]
