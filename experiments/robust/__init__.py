@@ -1,0 +1,1 @@
+"""Robustness and optimisation bias of linear models: the synthetic study."""
