@@ -212,7 +212,15 @@ def test_quickstart_table_gains_and_files_agree_with_its_runs(tmp_path, capsys):
         saved = json.load(f)
     assert saved["vsepp"]["r1_gain_mh_minus_sh"] == gains and saved["vsepp"]["steps"] == 6
     assert saved["vsepp"]["test"] == {name: [run.as_dict()] for name, run in runs.items()}
-    assert set(saved["seconds"]) == {"vsepp", "gvar"}
+    assert set(saved["seconds"]) == {"vsepp", "gvar", "robust"}
+
+    # Optimisation bias: each optimiser ends nearest the max-margin solution of its norm.
+    own = {"gradient_descent": "2", "coordinate_descent": "1", "sign_descent": "inf"}
+    summary = saved["robust"]["summary"]["4"]
+    for method, norm in own.items():
+        ratios = summary[method]["margin_ratio"]
+        assert max(ratios, key=ratios.get) == norm and 0.98 < ratios[norm] <= 1 + 1e-4
+    assert "coordinate_descent   0.99" in printed
 
     # Gradient variance: the printed means are those of the run's own records.
     records = gvar.read_records(tmp_path / "gvar" / "gvar.jsonl")
