@@ -8,13 +8,21 @@ Three unmodified flax nnx models, side by side in one run:
 * CNN, 3 conv (3x3; 32, 64 stride 2, 64 stride 2) + 1 dense on 32x32x3, B = 128;
 * a Dense layer over a sequence (B = 32, T = 64, d = 512), mean pooling, a dense head.
 
-For each: the plain jitted gradient of the mean loss (``jax.grad``); the fast path
-(``jaxeff.pergrad.per_example_stats``: per-example norms, per-coordinate sums of squares
-and K rank-1 inner products per layer), also with norms only; and ``vmap(grad)``
-per-example gradients (``jaxeff.pergrad.per_example_grads``). Times are the best of
-``--steps`` interleaved rounds after compilation; memory is the compiled executable's temporary
-buffers plus its outputs (``memory_analysis()``; inputs excluded), where per-example
-arrays live. Ratios are against the plain gradient.
+For each: the plain jitted gradient of the weighted loss ``Σ_i w_i ℓ_i`` (``jax.grad``);
+the fast path (``jaxeff.pergrad.per_example_stats``: per-example norms, per-coordinate
+sums of squares and K rank-1 inner products per layer), also with norms only; the
+weighted gradient and the same statistics from one pass
+(``jaxeff.pergrad.value_grad_and_stats``); the plain training step
+(``jaxeff.train.make_train_step`` with Adam, weighted per-example losses) and the same
+step with ``per_example_stats=True`` (directions read from the optimizer state); and
+``vmap(grad)`` per-example gradients (``jaxeff.pergrad.per_example_grads``). Times are
+the best of ``--steps`` interleaved rounds after compilation; memory is the compiled
+executable's temporary buffers plus its outputs (``memory_analysis()``; inputs
+excluded), where per-example arrays live; MFLOP is XLA's operation count
+(``cost_analysis()``), which does not depend on the machine's load but counts a loop
+body once, so it undercounts the variants that form per-example gradients in chunks
+(``lax.scan``: Conv and sequence layers with sums of squares). Ratios are against the
+plain gradient.
 """
 
 from __future__ import annotations
@@ -28,7 +36,13 @@ import numpy as np
 import optax
 from flax import nnx
 
-from jaxeff.pergrad import direction_shapes, per_example_grads, per_example_stats
+from jaxeff.pergrad import (
+    direction_shapes,
+    per_example_grads,
+    per_example_stats,
+    value_grad_and_stats,
+)
+from jaxeff.train import create_train_state, make_train_step
 
 
 class MLP(nnx.Module):
@@ -69,6 +83,22 @@ def per_example_loss(model, batch):
     return optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"])
 
 
+def step_loss(model, batch, hparams):
+    return per_example_loss(model, batch), {}
+
+
+def holding(directions):
+    """An ExtraArgs transform whose state holds the directions (as cluster centres would)."""
+
+    def init(params):
+        return {"/".join(map(str, path)): (v, u) for path, (v, u) in directions.items()}
+
+    def update(updates, state, params=None, **extra):
+        return updates, state
+
+    return optax.GradientTransformationExtraArgs(init, update)
+
+
 def make_case(name, rng):
     if name == "MLP 784-512-512-10":
         model, shape = MLP(nnx.Rngs(0)), (128, 784)
@@ -79,6 +109,7 @@ def make_case(name, rng):
     batch = {
         "x": rng.normal(size=shape).astype(np.float32),
         "y": rng.integers(0, 10, size=shape[0]).astype(np.int32),
+        "weights": rng.uniform(0, 2 / shape[0], size=shape[0]).astype(np.float32),
     }
     return model, batch
 
@@ -100,12 +131,18 @@ def time_round_robin(variants, steps):
     return {label: min(ts) for label, ts in times.items()}
 
 
-def peak_bytes(fn, args):
-    """Temporary buffers plus outputs of the compiled function (inputs excluded)."""
-    analysis = fn.lower(*args).compile().memory_analysis()
-    if analysis is None:
-        return float("nan")
-    return analysis.temp_size_in_bytes + analysis.output_size_in_bytes
+def compiled_costs(fn, args):
+    """``(bytes, flops)``: temporary buffers plus outputs of the compiled function (inputs
+    excluded), and XLA's count of its floating-point operations (machine-independent, so
+    its ratios hold when the timings are noisy)."""
+    compiled = fn.lower(*args).compile()
+    analysis = compiled.memory_analysis()
+    memory = float("nan")
+    if analysis is not None:
+        memory = analysis.temp_size_in_bytes + analysis.output_size_in_bytes
+    costs = compiled.cost_analysis()
+    costs = costs[0] if isinstance(costs, list | tuple) else costs
+    return memory, float((costs or {}).get("flops", float("nan")))
 
 
 def run_case(name, args, rng):
@@ -121,10 +158,11 @@ def run_case(name, args, rng):
 
     @jax.jit
     def plain_grad(params, batch):
-        def mean_loss(p):
-            return jnp.mean(per_example_loss(nnx.merge(graphdef, p, rest), batch))
+        def weighted_loss(p):
+            losses = per_example_loss(nnx.merge(graphdef, p, rest), batch)
+            return jnp.sum(batch["weights"] * losses)
 
-        return jax.grad(mean_loss)(params)
+        return jax.grad(weighted_loss)(params)
 
     def stats_fn(with_sum_sq, use_directions):
         @jax.jit
@@ -140,6 +178,25 @@ def run_case(name, args, rng):
 
         return fn
 
+    @jax.jit
+    def grad_and_stats(params, batch, directions):
+        model = nnx.merge(graphdef, params, rest)
+        return value_grad_and_stats(
+            model, per_example_loss, batch, weights=batch["weights"], directions=directions
+        )
+
+    tx = optax.chain(holding(directions), optax.adam(1e-3))
+    step_graphdef, state = create_train_state(model, tx)
+    plain_step = make_train_step(step_graphdef, step_loss, tx, donate=False)
+    stats_step = make_train_step(
+        step_graphdef,
+        step_loss,
+        tx,
+        donate=False,
+        per_example_stats=True,
+        directions_fn=lambda state: state.opt_state[0],
+    )
+
     def example_loss(params, example):
         one = jax.tree.map(lambda x: x[None], example)
         return per_example_loss(nnx.merge(graphdef, params, rest), one)[0]
@@ -148,30 +205,37 @@ def run_case(name, args, rng):
     def vmap_grads(params, batch):
         return per_example_grads(example_loss, params, batch)
 
+    full = f"norms+sum_sq+{args.directions} dots"
     variants = {
         "plain gradient": (plain_grad, (params, batch)),
-        "fast: norms only": (stats_fn(False, False), (params, batch, directions)),
-        f"fast: norms+sum_sq+{args.directions} dots": (
-            stats_fn(True, True),
-            (params, batch, directions),
-        ),
+        "stats: norms only": (stats_fn(False, False), (params, batch, directions)),
+        f"stats: {full}": (stats_fn(True, True), (params, batch, directions)),
+        f"grad+stats: {full}": (grad_and_stats, (params, batch, directions)),
+        "plain train step": (plain_step.jitted, (state, batch, {})),
+        f"train step+stats: {full}": (stats_step.jitted, (state, batch, {})),
         "vmap per-example grads": (vmap_grads, (params, batch)),
     }
     size = jax.tree.leaves(batch)[0].shape[0]
     print(f"\n{name}, B={size}")
     times = time_round_robin(variants, args.steps)
-    base_time = base_mem = None
+    base_time = base_mem = base_flops = None
     for label, (fn, fn_args) in variants.items():
         seconds = times[label]
-        memory = peak_bytes(fn, fn_args)
+        memory, flops = compiled_costs(fn, fn_args)
         base_time = base_time or seconds
         base_mem = base_mem or memory
+        base_flops = base_flops or flops
         print(
-            f"  {label:<30} {1000 * seconds:8.2f} ms  x{seconds / base_time:6.2f}   "
-            f"temp+out {memory / 2**20:8.1f} MiB  x{memory / base_mem:6.2f}"
+            f"  {label:<38} {1000 * seconds:8.2f} ms  x{seconds / base_time:6.2f}   "
+            f"temp+out {memory / 2**20:8.1f} MiB  x{memory / base_mem:6.2f}   "
+            f"{flops / 1e6:9.1f} MFLOP  x{flops / base_flops:6.2f}"
         )
-    fast = times[f"fast: norms+sum_sq+{args.directions} dots"]
-    print(f"  vmap / fast (norms+sum_sq+dots): x{times['vmap per-example grads'] / fast:.1f}")
+    fast = times[f"stats: {full}"]
+    step_ratio = times[f"train step+stats: {full}"] / times["plain train step"]
+    grad_ratio = times[f"grad+stats: {full}"] / times["plain gradient"]
+    print(f"  vmap / stats ({full}): x{times['vmap per-example grads'] / fast:.1f}")
+    print(f"  train step with stats / plain train step: x{step_ratio:.2f}")
+    print(f"  grad+stats / plain gradient: x{grad_ratio:.2f}")
 
 
 def main():

@@ -309,6 +309,34 @@ def test_layer_stats_match_explicit_outer_products(
             close(actual, value)
 
 
+@pytest.mark.parametrize(
+    "positions,d_in,d_out,with_sum_sq",
+    [(1, 7, 5, True), (4, 16, 16, False), (40, 3, 4, False), (4, 16, 16, True)],
+)
+@pytest.mark.parametrize("per_example", [True, False])
+def test_layer_stats_weighted_gradient(
+    monkeypatch, positions, d_in, d_out, with_sum_sq, per_example
+):
+    monkeypatch.setattr(rules, "OUTER_CHUNK_ENTRIES", 2 * d_in * d_out)  # 3 chunks of 2
+    rng = np.random.default_rng(positions + 1)
+    a = rng.normal(size=(6, positions, d_in)).astype(np.float32)
+    delta = rng.normal(size=(6, positions, d_out)).astype(np.float32)
+    weights = rng.uniform(0.1, 1.0, size=6).astype(np.float32)
+    weights[2] = 0.0
+    if not per_example:
+        weights = np.float32(0.25)
+    stats = layer_stats(
+        a, delta, use_bias=True, with_sum_sq=with_sum_sq, grad_weights=jnp.asarray(weights)
+    )
+    w = np.broadcast_to(weights, (6,))
+    close(stats.kernel_grad, np.einsum("bti,bto,b->io", a, delta, w))
+    close(stats.bias_grad, np.einsum("bto,b->o", delta, w))
+    expected = explicit_layer_stats(a, delta, (np.ones((1, d_in)), np.ones((1, d_out))))
+    close(stats.kernel_sq_norms, expected["kernel_sq_norms"])  # unweighted statistics
+    unweighted = layer_stats(a, delta, use_bias=True, with_sum_sq=with_sum_sq)
+    assert unweighted.kernel_grad is None and unweighted.bias_grad is None
+
+
 def test_layer_stats_without_bias_or_directions():
     a, delta = jnp.ones((2, 3, 4)), jnp.ones((2, 3, 5))
     stats = layer_stats(a, delta, use_bias=False, with_sum_sq=False)

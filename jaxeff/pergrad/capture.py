@@ -439,23 +439,25 @@ def capture(graphdef, params, rest, loss_fn, batch, plans):
 
     Differentiates ``Σ_i ℓ_i`` with respect to zero perturbations ``ε`` added to each
     call's output, so ``δ = ∂ℓ_i/∂y_i`` row by row; the parameters are not differentiated
-    (their gradients are never formed).
+    (their gradients are never formed). With no plans this is the forward pass alone.
 
     Args:
       graphdef, params, rest: the model split as ``nnx.split(model, nnx.Param, ...)``.
-      loss_fn: ``loss_fn(model, batch) -> (B,)``.
+      loss_fn: ``loss_fn(model, batch) -> ((B,) losses, aux)``.
       batch: the batch.
       plans: the :class:`LayerPlan` of the layers to capture (fast path only).
 
     Returns:
-      ``(losses, inputs, deltas)``: the ``(B,)`` per-example losses, and for each plan a
-      tuple with one array per call: the layer's input and ``∂(Σ_i ℓ_i)/∂y``.
+      ``(losses, aux, new_rest, inputs, deltas)``: the ``(B,)`` per-example losses, the
+      loss's ``aux``, the model's non-parameter variables after the pass (without sown
+      ``nnx.Intermediate`` values), and for each plan a tuple with one array per call: the
+      layer's input and ``∂(Σ_i ℓ_i)/∂y``.
     """
     paths = [plan.layer.path for plan in plans]
     eps = [tuple(jnp.zeros(c.out_shape, c.out_dtype) for c in plan.calls) for plan in plans]
 
     def forward(eps):
-        model = nnx.merge(graphdef, params, rest)
+        model = nnx.merge(graphdef, params, rest, copy=True)
         modules = {layer.path: module for layer, module in find_layers(model)}
         inputs = [[] for _ in plans]
         hooks = {}
@@ -473,9 +475,10 @@ def capture(graphdef, params, rest, loss_fn, batch, plans):
 
             hooks[id(modules[path])] = (modules[path], hook)
         with hooked_layers(hooks):
-            losses = loss_fn(model, batch)
-        return losses, [tuple(x) for x in inputs]
+            losses, aux = loss_fn(model, batch)
+        _, _, _, new_rest = nnx.split(model, nnx.Param, nnx.Intermediate, ...)
+        return losses, ([tuple(x) for x in inputs], aux, new_rest)
 
-    losses, vjp_fn, inputs = jax.vjp(forward, eps, has_aux=True)
+    losses, vjp_fn, (inputs, aux, new_rest) = jax.vjp(forward, eps, has_aux=True)
     (deltas,) = vjp_fn(jnp.ones_like(losses))
-    return losses, inputs, deltas
+    return losses, aux, new_rest, inputs, deltas

@@ -18,6 +18,7 @@ from jax.sharding import PartitionSpec as P
 __all__ = [
     "examples_per_device_step",
     "merge_chunks",
+    "replicated_like",
     "split_chunks",
     "sum_over_examples",
 ]
@@ -41,6 +42,18 @@ def leading_axis_like(x, ndim: int) -> dict:
     if mesh is None:
         return {}
     return {"out_sharding": NamedSharding(mesh, P(batch_axes, *[None] * (ndim - 1)))}
+
+
+def replicated_like(x) -> dict:
+    """``out_sharding`` for a sum over ``x``'s leading axis (replicated on its mesh).
+
+    Empty unless ``x`` lives on a mesh with explicit axes, where a contraction over a
+    sharded axis must name its output sharding.
+    """
+    mesh, _ = _explicit_batch_sharding(x)
+    if mesh is None:
+        return {}
+    return {"out_sharding": NamedSharding(mesh, P())}
 
 
 def examples_per_device_step(x) -> int:

@@ -44,6 +44,7 @@ from jax import lax
 from jaxeff.pergrad.chunks import (
     examples_per_device_step,
     merge_chunks,
+    replicated_like,
     split_chunks,
     sum_over_examples,
 )
@@ -70,6 +71,9 @@ class LayerStats(NamedTuple):
       bias_sum_sq: ``(d_out,)``, ``\\sum_i (g^b_i)^2``; ``None`` when not asked for or
         without a bias.
       dots: ``(K, B)``, ``<G_i, v_k u_k^T> + <g^b_i, u_k>``; ``None`` without directions.
+      kernel_grad: ``(d_in, d_out)``, ``Σ_i w_i G_i``; ``None`` without ``grad_weights``.
+      bias_grad: ``(d_out,)``, ``Σ_i w_i g^b_i``; ``None`` without ``grad_weights`` or
+        without a bias.
     """
 
     kernel_sq_norms: jax.Array
@@ -77,6 +81,8 @@ class LayerStats(NamedTuple):
     kernel_sum_sq: jax.Array | None
     bias_sum_sq: jax.Array | None
     dots: jax.Array | None
+    kernel_grad: jax.Array | None = None
+    bias_grad: jax.Array | None = None
 
 
 def choose_contraction(positions: int, d_in: int, d_out: int, *, with_sum_sq: bool) -> str:
@@ -121,36 +127,63 @@ def _outer_steps(size: int, per_device: int, matrix_entries: int) -> int:
     return size // per_device
 
 
-def _outer_stats(a, delta, *, with_sum_sq: bool, direction=None):
-    """``||G_i||²``, ``Σ_i G_i²`` and ``v_k^T G_i u_k`` from explicit ``G_i``, chunk by chunk.
+def _weighted_example_sum(x, weights):
+    """``Σ_i w_i x_i`` over the leading axis; ``weights`` a scalar (every example) or ``(B,)``."""
+    if jnp.ndim(weights) == 0:
+        return sum_over_examples(x) * weights
+    return jnp.einsum("b...,b->...", x, weights, **replicated_like(x))
+
+
+def _weighted_contraction(a, delta, weights):
+    """``Σ_i w_i Σ_t a_{i,t} δ_{i,t}^T`` as one contraction (an ordinary weight gradient).
+
+    The weights scale the narrower of ``a`` and ``δ``.
+    """
+    out = replicated_like(a)
+    if jnp.ndim(weights) == 0:
+        return jnp.einsum("bti,bto->io", a, delta, **out) * weights
+    w = weights[:, None, None]
+    if delta.shape[-1] <= a.shape[-1]:
+        return jnp.einsum("bti,bto->io", a, delta * w, **out)
+    return jnp.einsum("bti,bto->io", a * w, delta, **out)
+
+
+def _outer_stats(a, delta, *, with_sum_sq: bool, direction=None, grad_weights=None):
+    """``||G_i||²``, ``Σ_i G_i²``, ``v_k^T G_i u_k`` and ``Σ_i w_i G_i`` from explicit ``G_i``,
+    chunk by chunk.
 
     A ``lax.scan`` over chunks keeps about :data:`OUTER_CHUNK_ENTRIES` entries of ``G`` in
     memory instead of ``B·d_in·d_out``. A chunk holds a multiple of the number of devices
     the batch is explicitly split over, so each step keeps every device busy.
 
     Returns:
-      ``(norms (B,), sum_sq or None, dots (B, K) or None)``.
+      ``(norms (B,), sum_sq or None, dots (B, K) or None, weighted sum or None)``.
     """
     size, _, d_in = a.shape
     d_out = delta.shape[-1]
     per_device = examples_per_device_step(a)
     num_steps = _outer_steps(size, per_device, d_in * d_out)
+    options = {"with_sum_sq": with_sum_sq, "direction": direction}
     if num_steps == 1:
-        return _outer_chunk(a, delta, with_sum_sq=with_sum_sq, direction=direction)
+        return _outer_chunk(a, delta, grad_weights, **options)
     interleave = per_device > 1  # contiguous chunks need no copy
+    per_example_weights = grad_weights is not None and jnp.ndim(grad_weights) == 1
 
-    def step(total, chunk):
-        norms, sum_sq, dots = _outer_chunk(*chunk, with_sum_sq=with_sum_sq, direction=direction)
-        return (total + sum_sq if with_sum_sq else None), (norms, dots)
+    def step(totals, chunk):
+        a, delta, w = chunk if per_example_weights else (*chunk, grad_weights)
+        norms, sum_sq, dots, grad = _outer_chunk(a, delta, w, **options)
+        return jax.tree.map(jnp.add, totals, (sum_sq, grad)), (norms, dots)
 
-    init = jnp.zeros((d_in, d_out), a.dtype) if with_sum_sq else None
-    chunks = tuple(split_chunks(x, num_steps, interleave=interleave) for x in (a, delta))
-    total, per_example = jax.lax.scan(step, init, chunks)
+    zeros = jnp.zeros((d_in, d_out), a.dtype)
+    init = (zeros if with_sum_sq else None, None if grad_weights is None else zeros)
+    parts = (a, delta, grad_weights) if per_example_weights else (a, delta)
+    chunks = tuple(split_chunks(x, num_steps, interleave=interleave) for x in parts)
+    (sum_sq, grad), per_example = jax.lax.scan(step, init, chunks)
     norms, dots = jax.tree.map(lambda x: merge_chunks(x, interleave=interleave), per_example)
-    return norms, total, dots
+    return norms, sum_sq, dots, grad
 
 
-def _outer_chunk(a, delta, *, with_sum_sq: bool, direction=None):
+def _outer_chunk(a, delta, grad_weights, *, with_sum_sq: bool, direction=None):
     grads = jnp.einsum("bti,bto->bio", a, delta)
     squares = grads * grads
     sum_sq = sum_over_examples(squares) if with_sum_sq else None
@@ -158,10 +191,13 @@ def _outer_chunk(a, delta, *, with_sum_sq: bool, direction=None):
     if direction is not None:
         v, u = direction
         dots = jnp.einsum("bik,ki->bk", jnp.einsum("bio,ko->bik", grads, u), v)
-    return jnp.sum(squares, axis=(1, 2)), sum_sq, dots
+    grad = None if grad_weights is None else _weighted_example_sum(grads, grad_weights)
+    return jnp.sum(squares, axis=(1, 2)), sum_sq, dots, grad
 
 
-def layer_stats(a, delta, *, use_bias: bool, with_sum_sq: bool, direction=None) -> LayerStats:
+def layer_stats(
+    a, delta, *, use_bias: bool, with_sum_sq: bool, direction=None, grad_weights=None
+) -> LayerStats:
     """Squared norms, sums of squares and rank-1 inner products of a layer's per-example gradients.
 
     With ``G_i = Σ_t a_{i,t} δ_{i,t}^T`` and ``g^b_i = Σ_t δ_{i,t}``:
@@ -175,7 +211,9 @@ def layer_stats(a, delta, *, use_bias: bool, with_sum_sq: bool, direction=None) 
       \\langle g^b_i, u \\rangle = u^\\top g^b_i.
 
     For ``T = 1`` the first is ``||a_i||²·||δ_i||²`` and ``Σ_i G_i² = (a²)^T (δ²)``, so no
-    per-example ``d_in × d_out`` array is formed.
+    per-example ``d_in × d_out`` array is formed. With ``grad_weights`` the weighted
+    gradient ``Σ_i w_i G_i`` comes from the explicit ``G_i`` when the ``"outer"``
+    contraction forms them anyway, and from one contraction of ``a`` and ``δ`` otherwise.
 
     Args:
       a: ``(B, T, d_in)`` layer inputs (conv: unfolded patches, see :func:`conv_patches`).
@@ -185,6 +223,8 @@ def layer_stats(a, delta, *, use_bias: bool, with_sum_sq: bool, direction=None) 
       direction: optional ``(v, u)`` with ``v`` of shape ``(K, d_in)`` and ``u`` of shape
         ``(K, d_out)``: ``K`` rank-1 kernel directions ``v_k u_k^T`` and bias directions
         ``u_k``.
+      grad_weights: optional weights ``w`` of the gradient ``Σ_i w_i G_i`` (and
+        ``Σ_i w_i g^b_i``): a scalar for every example, or ``(B,)``; ``None``: no gradient.
 
     Returns:
       A :class:`LayerStats` (float32 or wider).
@@ -201,6 +241,7 @@ def layer_stats(a, delta, *, use_bias: bool, with_sum_sq: bool, direction=None) 
     contraction = choose_contraction(positions, d_in, d_out, with_sum_sq=with_sum_sq)
 
     v, u = (None, None) if direction is None else (jnp.asarray(x, dtype) for x in direction)
+    w = None if grad_weights is None else jnp.asarray(grad_weights, dtype)
     # With explicit G_i, v^T G_i u costs K·d_in·d_out per example instead of the
     # projections' K·T·(d_in + d_out).
     dots_from_grads = (
@@ -208,27 +249,35 @@ def layer_stats(a, delta, *, use_bias: bool, with_sum_sq: bool, direction=None) 
         and contraction == "outer"
         and d_in * d_out < positions * (d_in + d_out)
     )
-    kernel_sum_sq = dots = None
+    kernel_sum_sq = dots = kernel_grad = None
     if contraction == "rank1":
         a1, d1 = a[:, 0], delta[:, 0]
         kernel_sq = jnp.sum(a1 * a1, axis=-1) * jnp.sum(d1 * d1, axis=-1)
         if with_sum_sq:
-            kernel_sum_sq = jnp.einsum("bi,bo->io", a1 * a1, d1 * d1)
+            kernel_sum_sq = jnp.einsum("bi,bo->io", a1 * a1, d1 * d1, **replicated_like(a))
     elif contraction == "gram":
         a_gram = jnp.einsum("bsi,bti->bst", a, a)
         d_gram = jnp.einsum("bso,bto->bst", delta, delta)
         kernel_sq = jnp.sum(a_gram * d_gram, axis=(1, 2))
     else:
-        kernel_sq, kernel_sum_sq, dots = _outer_stats(
-            a, delta, with_sum_sq=with_sum_sq, direction=(v, u) if dots_from_grads else None
+        kernel_sq, kernel_sum_sq, dots, kernel_grad = _outer_stats(
+            a,
+            delta,
+            with_sum_sq=with_sum_sq,
+            direction=(v, u) if dots_from_grads else None,
+            grad_weights=w,
         )
+    if w is not None and kernel_grad is None:
+        kernel_grad = _weighted_contraction(a, delta, w)
 
-    bias_sq = bias_sum_sq = bias_grads = None
+    bias_sq = bias_sum_sq = bias_grads = bias_grad = None
     if use_bias:
         bias_grads = jnp.sum(delta, axis=1)
         bias_sq = jnp.sum(bias_grads * bias_grads, axis=-1)
         if with_sum_sq:
             bias_sum_sq = sum_over_examples(bias_grads * bias_grads)
+        if w is not None:
+            bias_grad = _weighted_example_sum(bias_grads, w)
 
     if direction is not None:
         if dots_from_grads:
@@ -239,7 +288,7 @@ def layer_stats(a, delta, *, use_bias: bool, with_sum_sq: bool, direction=None) 
             dots = jnp.sum(a_proj * d_proj, axis=-1)
         if use_bias:
             dots = dots + jnp.einsum("bo,ko->kb", bias_grads, u)
-    return LayerStats(kernel_sq, bias_sq, kernel_sum_sq, bias_sum_sq, dots)
+    return LayerStats(kernel_sq, bias_sq, kernel_sum_sq, bias_sum_sq, dots, kernel_grad, bias_grad)
 
 
 def _conv_pads(spatial, kernel_size, strides, padding, kernel_dilation):

@@ -4,13 +4,15 @@
 ``nnx.Linear`` and ``nnx.Conv`` call (:mod:`jaxeff.pergrad.capture`), turns them into
 squared norms, sums of squares and rank-1 inner products (:mod:`jaxeff.pergrad.rules`),
 and sends every other parameter to ``vmap(grad)`` (:mod:`jaxeff.pergrad.reference`).
+:func:`value_grad_and_stats` also returns the weighted batch loss and its gradient from
+the same pass, so the statistics can ride along an ordinary training step.
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.struct
 import jax
@@ -23,7 +25,14 @@ from jaxeff.pergrad.capture import capture, find_layers, plan_layers, unfold_con
 from jaxeff.pergrad.reference import batch_size_of, check_chunk_size, map_per_example_grads
 from jaxeff.pergrad.rules import layer_stats
 
-__all__ = ["FAST", "VMAP", "PerExampleStats", "per_example_stats"]
+__all__ = [
+    "FAST",
+    "VMAP",
+    "PerExampleStats",
+    "check_directions",
+    "per_example_stats",
+    "value_grad_and_stats",
+]
 
 #: Values of :attr:`PerExampleStats.paths`.
 FAST, VMAP = "fast", "vmap"
@@ -100,6 +109,26 @@ def _follow(model, key):
     return node
 
 
+def check_directions(model, directions) -> dict:
+    """``directions`` checked against ``model``'s layers, keyed by canonical layer path.
+
+    Args:
+      model: the ``nnx.Module`` the directions are for.
+      directions: ``{layer path: (v, u)}`` as :func:`per_example_stats` takes them (paths
+        as tuples or joined by ``"/"``), or ``None``.
+
+    Returns:
+      ``{layer path tuple (as nnx.iter_graph lists it): (v, u)}``; empty for ``None``.
+
+    Raises:
+      TypeError, ValueError: naming ``directions`` and the layer, for a key that is not an
+        ``nnx.Linear``/``nnx.Conv`` of the model, shapes other than ``(K, d_in)`` and
+        ``(K, d_out)``, differing ``K`` or a non-floating dtype.
+    """
+    paths, arrays = _canonical_directions(directions, model)
+    return dict(zip(paths, arrays, strict=True))
+
+
 def _canonical_directions(directions, model):
     """``(layer paths, ((v, u), ...))`` aligned, checked against the model's layers."""
     if directions is None:
@@ -169,56 +198,71 @@ def _positions(layer, inputs, deltas, batch_size):
     return jnp.concatenate(a_parts, axis=1), jnp.concatenate(d_parts, axis=1)
 
 
-def _fast_stats(graphdef, params, rest, loss_fn, batch, plans, directions, with_sum_sq):
-    batch_size = batch_size_of(batch)
-    losses, inputs, deltas = capture(graphdef, params, rest, loss_fn, batch, plans)
-    kernel_shapes = {path: var.get_value().shape for path, var in nnx.to_flat_state(params)}
-    sq, sum_sq, dots = {}, {}, {}
+def _fast_stats(plans, inputs, deltas, kernel_shapes, directions, opts):
+    """Statistics (and, with ``opts.with_grads``, weighted gradients) of the fast layers."""
+    grad_weights = None
+    if opts.with_grads:
+        grad_weights = 1.0 / opts.batch_size if opts.weights is None else opts.weights
+    sq, sum_sq, dots, grads = {}, {}, {}, {}
     for plan, xs, ds in zip(plans, inputs, deltas, strict=True):
         layer = plan.layer
-        a, delta = _positions(layer, xs, ds, batch_size)
+        a, delta = _positions(layer, xs, ds, opts.batch_size)
         stats = layer_stats(
             a,
             delta,
             use_bias=layer.bias_path is not None,
-            with_sum_sq=with_sum_sq,
+            with_sum_sq=opts.with_sum_sq,
             direction=directions.get(layer.path),
+            grad_weights=grad_weights,
         )
+        kernel_shape = kernel_shapes[layer.kernel_path]
         sq[layer.kernel_path] = stats.kernel_sq_norms
-        if with_sum_sq:
-            sum_sq[layer.kernel_path] = stats.kernel_sum_sq.reshape(
-                kernel_shapes[layer.kernel_path]
-            )
+        if opts.with_sum_sq:
+            sum_sq[layer.kernel_path] = stats.kernel_sum_sq.reshape(kernel_shape)
         if layer.bias_path is not None:
             sq[layer.bias_path] = stats.bias_sq_norms
-            if with_sum_sq:
+            if opts.with_sum_sq:
                 sum_sq[layer.bias_path] = stats.bias_sum_sq
         if stats.dots is not None:
             dots[layer.path] = stats.dots
-    return losses, sq, sum_sq, dots
+        if opts.with_grads:
+            grads[layer.kernel_path] = stats.kernel_grad.reshape(kernel_shape)
+            if layer.bias_path is not None:
+                grads[layer.bias_path] = stats.bias_grad
+    return sq, sum_sq, dots, grads
 
 
 # ----------------------------------------------------------------------------- vmap path
 
 
 def _vmap_stats(graphdef, params, rest, loss_fn, batch, slow_paths, layers, directions, opts):
-    """Statistics of the parameters in ``slow_paths`` from explicit per-example gradients."""
-    with_sum_sq, chunk_size = opts
+    """Statistics (and weighted gradients) of the parameters in ``slow_paths`` from explicit
+    per-example gradients."""
     flat = dict(nnx.to_flat_state(params))
     values = {path: flat[path].get_value() for path in slow_paths}
     slow_layers = [
         layer for layer in layers if layer.path in directions and layer.kernel_path in values
     ]
+    # micro_grad's transforms see the gradient only. To weight g_i by w_i, each example's
+    # loss gains the term c·w_i with c = 0: its gradient with respect to c is w_i, handed
+    # to the transform next to g_i, and the loss itself is unchanged.
+    weights = opts.weights if opts.with_grads else None
+    carrier = None if weights is None else jnp.zeros((), jnp.float32)
 
-    def example_loss(values, example):
+    def example_loss(inputs, weighted_example):
+        values, carrier = inputs
+        example, weight = weighted_example
         state = nnx.from_flat_state(
             {p: (v.replace(values[p]) if p in values else v) for p, v in flat.items()}
         )
-        model = nnx.merge(graphdef, state, rest)
-        losses = loss_fn(model, jax.tree.map(lambda x: x[None], example))
-        return losses[0]
+        model = nnx.merge(graphdef, state, rest, copy=True)
+        loss = loss_fn(model, jax.tree.map(lambda x: x[None], example))[0][0]
+        if weight is not None:
+            loss = loss + (carrier * weight).astype(loss.dtype)
+        return loss
 
     def metrics_fn(grads):
+        grads, _ = grads
         sq = {p: jnp.sum(jnp.square(g.astype(jnp.float32))) for p, g in grads.items()}
         dots = {}
         for layer in slow_layers:
@@ -231,40 +275,81 @@ def _vmap_stats(graphdef, params, rest, loss_fn, batch, slow_paths, layers, dire
         return sq, dots
 
     def transform_fn(grads):
-        if not with_sum_sq:
-            return {}
-        return {p: jnp.square(g.astype(jnp.float32)) for p, g in grads.items()}
+        grads, weight = grads
+        grads = {p: g.astype(jnp.promote_types(g.dtype, jnp.float32)) for p, g in grads.items()}
+        out = {}
+        if opts.with_sum_sq:
+            out["sum_sq"] = {p: jnp.square(g) for p, g in grads.items()}
+        if opts.with_grads:
+            out["grads"] = grads if weight is None else {p: weight * g for p, g in grads.items()}
+        return out
 
-    sum_sq, losses, (sq, dots) = map_per_example_grads(
+    summed, losses, (sq, dots) = map_per_example_grads(
         example_loss,
-        values,
-        batch,
-        chunk_size=chunk_size,
+        (values, carrier),
+        (batch, weights),
+        chunk_size=opts.chunk_size,
         transform_fn=transform_fn,
         metrics_fn=metrics_fn,
         accumulation=optax.microbatching.AccumulationType.SUM,
     )
     dots = {path: d.T for path, d in dots.items()}
-    return losses, sq, sum_sq, dots
+    grads = summed.get("grads", {})
+    if opts.with_grads and weights is None:
+        grads = {p: g / opts.batch_size for p, g in grads.items()}
+    return losses, sq, summed.get("sum_sq", {}), dots, grads
 
 
-# ----------------------------------------------------------------------------- public
+# ----------------------------------------------------------------------------- one pass
 
 
-def _compute_stats(
+class _Options(NamedTuple):
+    batch_size: int
+    weights: jax.Array | None  # (B,); None: 1/B each
+    with_sum_sq: bool
+    with_grads: bool
+    chunk_size: int | None
+
+
+def _call_loss(loss_fn, has_aux: bool, model, batch):
+    """``(losses, aux)`` from ``loss_fn`` (``aux = None`` without ``has_aux``)."""
+    out = loss_fn(model, batch)
+    if not has_aux:
+        return out, None
+    if not (isinstance(out, tuple) and len(out) == 2):
+        raise TypeError(
+            "With `has_aux=True`, `loss_fn` must return a pair ((B,) losses, aux), got "
+            f"{type(out).__name__}."
+        )
+    return out
+
+
+def _one_pass(
     params,
     rest,
     batch,
+    weights,
     direction_arrays,
     *,
     graphdef,
     loss_fn,
+    has_aux,
     direction_paths,
     with_sum_sq,
     chunk_size,
+    with_grads,
 ):
+    """One forward/backward pass: ``(stats, aux, new_rest, grads)``.
+
+    ``grads`` (an ``nnx.State`` like ``params``, or ``None`` without ``with_grads``) is the
+    gradient of ``Σ_i w_i ℓ_i``; ``new_rest`` the model's non-parameter variables after
+    the forward pass. Not jitted: runs inside the caller's trace.
+    """
     batch_size = batch_size_of(batch)
-    plans, loss_shape = plan_layers(graphdef, params, rest, loss_fn, batch, batch_size)
+    call = functools.partial(_call_loss, loss_fn, has_aux)
+    plans, loss_shape = plan_layers(
+        graphdef, params, rest, lambda m, b: call(m, b)[0], batch, batch_size
+    )
     if loss_shape.shape != (batch_size,):
         raise ValueError(
             f"`loss_fn` must return one loss per example, shape ({batch_size},), got "
@@ -273,6 +358,7 @@ def _compute_stats(
     if not jnp.issubdtype(loss_shape.dtype, jnp.floating):
         raise ValueError(f"`loss_fn` must return floating-point losses, got {loss_shape.dtype}.")
     directions = dict(zip(direction_paths, direction_arrays, strict=True))
+    opts = _Options(batch_size, weights, with_sum_sq, with_grads, chunk_size)
 
     fast_plans = [plan for plan in plans if plan.fallback is None]
     fast_params = {p for plan in fast_plans for p in plan.layer.param_paths}
@@ -282,34 +368,40 @@ def _compute_stats(
     for p in slow_paths:
         reasons.setdefault(p, "no fast rule for this parameter's module")
 
-    losses, sq, sum_sq, dots = None, {}, {}, {}
-    if fast_plans:
-        losses, sq, sum_sq, dots = _fast_stats(
-            graphdef, params, rest, loss_fn, batch, fast_plans, directions, with_sum_sq
-        )
+    # The forward pass runs even without fast layers: it gives the losses, aux and the
+    # model's variable updates.
+    losses, aux, new_rest, inputs, deltas = capture(graphdef, params, rest, call, batch, fast_plans)
+    kernel_shapes = {path: var.get_value().shape for path, var in nnx.to_flat_state(params)}
+    sq, sum_sq, dots, grads = _fast_stats(
+        fast_plans, inputs, deltas, kernel_shapes, directions, opts
+    )
     if slow_paths:
-        slow_losses, slow_sq, slow_sum_sq, slow_dots = _vmap_stats(
+        _, slow_sq, slow_sum_sq, slow_dots, slow_grads = _vmap_stats(
             graphdef,
             params,
             rest,
-            loss_fn,
+            call,
             batch,
             slow_paths,
             [plan.layer for plan in plans],
             directions,
-            (with_sum_sq, chunk_size),
+            opts,
         )
-        losses = slow_losses if losses is None else losses
         sq.update(slow_sq)
         sum_sq.update(slow_sum_sq)
         dots.update(slow_dots)
+        grads.update(slow_grads)
 
-    def as_state(values):
-        return nnx.map_state(lambda path, var: var.replace(values[path]), params)
+    def as_state(values, dtype_of_param=False):
+        def entry(path, var):
+            value = values[path]
+            return var.replace(value.astype(var.get_value().dtype) if dtype_of_param else value)
+
+        return nnx.map_state(entry, params)
 
     total = functools.reduce(jnp.add, [sq[p] for p in param_paths])
     layer_dots = {path: dots[path] for path in direction_paths} if direction_paths else None
-    return PerExampleStats(
+    stats = PerExampleStats(
         losses=losses,
         sq_norms=as_state(sq),
         total_sq_norms=total,
@@ -319,10 +411,70 @@ def _compute_stats(
         paths=FrozenDict({p: (FAST if p in fast_params else VMAP) for p in param_paths}),
         reasons=FrozenDict(reasons),
     )
+    return stats, aux, new_rest, (as_state(grads, dtype_of_param=True) if with_grads else None)
+
+
+def _weighted_loss(losses, weights):
+    """``Σ_i w_i ℓ_i``, or the mean of ``losses`` when ``weights`` is ``None``."""
+    if weights is None:
+        return jnp.mean(losses)
+    return jnp.sum(weights.astype(losses.dtype) * losses)
+
+
+def _stats_only(params, rest, batch, direction_arrays, **static):
+    return _one_pass(
+        params, rest, batch, None, direction_arrays, has_aux=False, with_grads=False, **static
+    )[0]
+
+
+def _value_grad_and_stats(params, rest, batch, weights, direction_arrays, **static):
+    stats, aux, new_rest, grads = _one_pass(
+        params, rest, batch, weights, direction_arrays, with_grads=True, **static
+    )
+    return _weighted_loss(stats.losses, weights), aux, new_rest, grads, stats
 
 
 _STATIC = ("graphdef", "loss_fn", "direction_paths", "with_sum_sq", "chunk_size")
-_compute_stats_jit = jax.jit(_compute_stats, static_argnames=_STATIC)
+_stats_only_jit = jax.jit(_stats_only, static_argnames=_STATIC)
+_value_grad_and_stats_jit = jax.jit(_value_grad_and_stats, static_argnames=(*_STATIC, "has_aux"))
+
+
+def _call_jitted(jitted, fn, static_names, graphdef, *args, **static):
+    """``jitted(*args, graphdef=graphdef, **static)``, or a fresh jit of ``fn`` when
+    ``graphdef`` is not hashable (e.g. an array attribute such as a conv mask)."""
+    try:
+        hash(graphdef)
+    except TypeError:
+        fresh = jax.jit(
+            functools.partial(fn, graphdef=graphdef),
+            static_argnames=[n for n in static_names if n != "graphdef"],
+        )
+        return fresh(*args, **static)
+    return jitted(*args, graphdef=graphdef, **static)
+
+
+def _check_common(model, loss_fn, batch, with_sum_sq, chunk_size) -> int:
+    _check_model(model)
+    if not callable(loss_fn):
+        raise TypeError(f"`loss_fn` must be callable, got {type(loss_fn).__name__}.")
+    if not isinstance(with_sum_sq, bool):
+        raise TypeError(f"`with_sum_sq` must be a bool, got {with_sum_sq!r}.")
+    check_chunk_size(chunk_size)
+    return batch_size_of(batch)
+
+
+def _check_weights(weights, batch_size: int):
+    """``weights`` as an array of shape ``(B,)``, floating point; ``None`` stays ``None``."""
+    if weights is None:
+        return None
+    if jnp.shape(weights) != (batch_size,):
+        raise ValueError(
+            f"`weights` must hold one weight per example, shape ({batch_size},), got "
+            f"{jnp.shape(weights)}."
+        )
+    if not jnp.issubdtype(jnp.result_type(weights), jnp.floating):
+        raise ValueError(f"`weights` must be floating point, got {jnp.result_type(weights)}.")
+    return jnp.asarray(weights)
 
 
 def per_example_stats(
@@ -412,31 +564,117 @@ def per_example_stats(
       stats.sq_norms["fc1"]["kernel"][...]  # (B,)
       stats.paths                      # {("fc1", "kernel"): "fast", ...}
     """
-    _check_model(model)
-    if not callable(loss_fn):
-        raise TypeError(f"`loss_fn` must be callable, got {type(loss_fn).__name__}.")
-    if not isinstance(with_sum_sq, bool):
-        raise TypeError(f"`with_sum_sq` must be a bool, got {with_sum_sq!r}.")
-    check_chunk_size(chunk_size)
-    batch_size_of(batch)
+    _check_common(model, loss_fn, batch, with_sum_sq, chunk_size)
     direction_paths, direction_arrays = _canonical_directions(directions, model)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    compute = _compute_stats_jit
-    try:
-        hash(graphdef)
-    except TypeError:  # e.g. an array attribute (a conv mask): compiled anew for each call
-        compute = jax.jit(
-            functools.partial(_compute_stats, graphdef=graphdef), static_argnames=_STATIC[1:]
-        )
-        graphdef = None
-    return compute(
+    return _call_jitted(
+        _stats_only_jit,
+        _stats_only,
+        _STATIC,
+        graphdef,
         params,
         rest,
         batch,
         direction_arrays,
-        **({} if graphdef is None else {"graphdef": graphdef}),
         loss_fn=loss_fn,
         direction_paths=direction_paths,
         with_sum_sq=with_sum_sq,
         chunk_size=chunk_size,
     )
+
+
+def value_grad_and_stats(
+    model: nnx.Module,
+    loss_fn: Callable[[nnx.Module, Any], Any],
+    batch,
+    *,
+    weights=None,
+    directions: Mapping | None = None,
+    with_sum_sq: bool = True,
+    has_aux: bool = False,
+    chunk_size: int | None = None,
+):
+    """The weighted loss, its gradient and the per-example statistics, from one pass.
+
+    The batch loss is the weighted sum of the per-example losses, and its gradient is
+    assembled from the same per-example quantities :func:`per_example_stats` captures:
+
+    .. math::
+
+      L = \\sum_i w_i \\ell_i, \\qquad
+      \\nabla_W L = \\sum_i w_i \\sum_t a_{i,t} \\delta_{i,t}^\\top, \\qquad
+      \\nabla_b L = \\sum_i w_i \\sum_t \\delta_{i,t},
+
+    for each fast-path (``nnx.Linear``/``nnx.Conv``) layer, with ``δ_{i,t} = ∂ℓ_i/∂y_{i,t}``
+    from the *unweighted* sum (so the statistics stay those of the per-example gradients
+    ``g_i``, whatever the weights), and ``∇_θ L = Σ_i w_i g_i`` for every parameter on the
+    vmap path from the per-example gradients that path forms anyway. The weights enter only
+    the one contraction over examples that an ordinary backward pass does for the weight
+    gradient, so the cost is that of :func:`per_example_stats` plus that contraction: about
+    one plain gradient step plus the statistics, with no second forward pass.
+
+    Everything :func:`per_example_stats` says (paths, assumptions, jit, sharding) holds;
+    ``stats`` equals ``per_example_stats(model, loss_fn, batch, ...)``.
+
+    Args:
+      model: an unmodified ``nnx.Module`` with ``nnx.Param`` variables.
+      loss_fn: ``loss_fn(model, batch) -> (B,)`` per-example losses, or with ``has_aux``
+        ``-> ((B,) losses, aux)`` where ``aux`` is a pytree of arrays (e.g. metrics).
+      batch: pytree of arrays with a leading axis of size ``B``.
+      weights: optional ``(B,)`` floating-point weights ``w`` (any values, zeros included:
+        an example with ``w_i = 0`` still gets its statistics); ``None`` means ``1/B``
+        each, i.e. the mean loss.
+      directions: optional ``{layer path: (v, u)}`` as in :func:`per_example_stats`.
+      with_sum_sq: whether to compute ``stats.sum_sq``.
+      has_aux: whether ``loss_fn`` returns ``(losses, aux)``.
+      chunk_size: examples per chunk on the vmap path (``None``: all at once).
+
+    Returns:
+      ``(loss, grads, stats)``, or ``((loss, aux), grads, stats)`` with ``has_aux`` (as
+      ``jax.value_and_grad``): ``loss`` the scalar ``Σ_i w_i ℓ_i``; ``grads`` an
+      ``nnx.State`` with the structure and dtypes of ``nnx.state(model, nnx.Param)``, equal
+      to ``jax.grad`` of the weighted loss with respect to it (parameters the loss does not
+      use get zeros); ``stats`` a :class:`PerExampleStats`. As with
+      ``nnx.value_and_grad``, what the forward pass changes in the model's other variables
+      (RNG counters) is written back to ``model``; its parameters are left as they are.
+
+    Raises:
+      TypeError, ValueError: as :func:`per_example_stats`, and for ``weights`` that are not
+        ``(B,)`` floating point or a ``has_aux`` ``loss_fn`` that does not return a pair.
+
+    Example::
+
+      def loss_fn(model, batch):
+          logits = model(batch["image"])
+          losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
+          return losses, {"accuracy": jnp.mean(logits.argmax(-1) == batch["label"])}
+
+      (loss, aux), grads, stats = value_grad_and_stats(
+          model, loss_fn, batch, weights=batch["weights"], has_aux=True
+      )
+      updates, opt_state = tx.update(grads, opt_state, nnx.state(model, nnx.Param))
+    """
+    size = _check_common(model, loss_fn, batch, with_sum_sq, chunk_size)
+    if not isinstance(has_aux, bool):
+        raise TypeError(f"`has_aux` must be a bool, got {has_aux!r}.")
+    weights = _check_weights(weights, size)
+    direction_paths, direction_arrays = _canonical_directions(directions, model)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    loss, aux, new_rest, grads, stats = _call_jitted(
+        _value_grad_and_stats_jit,
+        _value_grad_and_stats,
+        (*_STATIC, "has_aux"),
+        graphdef,
+        params,
+        rest,
+        batch,
+        weights,
+        direction_arrays,
+        loss_fn=loss_fn,
+        has_aux=has_aux,
+        direction_paths=direction_paths,
+        with_sum_sq=with_sum_sq,
+        chunk_size=chunk_size,
+    )
+    nnx.update(model, new_rest)
+    return ((loss, aux) if has_aux else loss), grads, stats

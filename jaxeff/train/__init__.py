@@ -5,8 +5,9 @@ An experiment's ``train_and_evaluate`` reads top to bottom (big_vision style) an
 * :func:`make_mesh`, :func:`replicate`, :func:`shard_batch` -- data parallelism on one
   CPU, 8 fake devices or many hosts;
 * :func:`create_train_state`, :func:`make_train_step`, :func:`merge_model` -- the
-  jit-compiled update step of an nnx model; :class:`FiniteGuard`, :func:`check_finite`
-  -- no diverged state is evaluated or saved;
+  jit-compiled update step of an nnx model (optionally with per-example gradient
+  statistics from the same pass); :class:`FiniteGuard`, :func:`check_finite` -- no
+  diverged state is evaluated or saved;
 * :class:`Checkpointer` -- latest and best checkpoints with orbax, plus a JSON extra dict;
   :class:`PreemptionSignal` -- SIGTERM saves and stops the loop;
 * :class:`MetricWriter`, :func:`read_metrics`, :func:`progress_bar` -- JSON-lines and

@@ -5,7 +5,9 @@ The model is split once into a static ``graphdef`` and a pytree :class:`TrainSta
 counters). The update step merges them back inside ``jax.jit``, differentiates the user's
 loss with respect to the parameters, applies the optax transform and returns the new state
 with a dict of measurements (loss, gradient norm, parameter norm, the loss's own metrics,
-and a ``finite`` flag), as in big_vision's ``update_fn``.
+and a ``finite`` flag), as in big_vision's ``update_fn``. Optionally the same pass also
+yields per-example gradient statistics (:func:`jaxeff.pergrad.value_grad_and_stats`),
+handed to the optimizer and returned.
 """
 
 from __future__ import annotations
@@ -19,6 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import AxisType
+
+from jaxeff.pergrad import check_directions, value_grad_and_stats
 
 __all__ = [
     "RESERVED_METRICS",
@@ -114,6 +119,23 @@ def _all_finite(tree) -> jax.Array:
     return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in leaves] or [True]))
 
 
+def _example_weights(batch, weights_key: str, size: int):
+    """``batch[weights_key]`` checked to be ``(size,)``, or ``None`` when absent."""
+    if not (isinstance(batch, Mapping) and weights_key in batch):
+        return None
+    weights = batch[weights_key]
+    if jnp.shape(weights) != (size,):
+        raise ValueError(
+            f"`batch[{weights_key!r}]` must hold one weight per example, shape ({size},), "
+            f"got {jnp.shape(weights)}."
+        )
+    return weights
+
+
+def _uniform_weights(size: int, dtype):
+    return jnp.full((size,), 1.0 / size, dtype)
+
+
 def _reduce_loss(losses, batch, weights_key: str):
     """``(loss, weights)``: a scalar as is, or ``Σ_i w_i ℓ_i`` of per-example losses."""
     ndim = jnp.ndim(losses)
@@ -134,16 +156,38 @@ def _reduce_loss(losses, batch, weights_key: str):
             f"`loss_fn` returned {b} per-example losses for a batch of {sorted(sizes)} "
             "examples; return one loss per example, or a scalar."
         )
-    if isinstance(batch, Mapping) and weights_key in batch:
-        weights = batch[weights_key]
-        if jnp.shape(weights) != (b,):
-            raise ValueError(
-                f"`batch[{weights_key!r}]` must hold one weight per example, shape ({b},), "
-                f"got {jnp.shape(weights)}."
-            )
-    else:
-        weights = jnp.full((b,), 1.0 / b, jnp.result_type(losses))
+    weights = _example_weights(batch, weights_key, b)
+    if weights is None:
+        weights = _uniform_weights(b, jnp.result_type(losses))
     return jnp.sum(weights * losses), weights
+
+
+def _check_loss_output(out):
+    if not (isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], Mapping)):
+        raise TypeError(
+            f"`loss_fn` must return (loss, aux_metrics_dict), got {type(out).__name__}."
+        )
+    return out
+
+
+def _examples_in(batch, weights_key: str) -> int | None:
+    """The leading-axis size of the batch's first array other than the weights."""
+    examples = batch
+    if isinstance(batch, Mapping):
+        examples = {k: v for k, v in batch.items() if k != weights_key}
+    for x in jax.tree.leaves(examples):
+        if jnp.ndim(x) > 0:
+            return jnp.shape(x)[0]
+    return None
+
+
+def _constrain_batch(batch, sharding):
+    """Lays ``batch`` out as ``sharding``: a constraint on auto mesh axes, a ``reshard`` on
+    explicit ones (where shardings are part of the arrays' types)."""
+    mesh = getattr(sharding, "mesh", None)
+    if mesh is not None and any(t == AxisType.Explicit for t in mesh.axis_types):
+        return jax.tree.map(lambda x: jax.sharding.reshard(x, sharding), batch)
+    return jax.lax.with_sharding_constraint(batch, sharding)
 
 
 def _replicated_like(sharding_tree):
@@ -167,6 +211,10 @@ def make_train_step(
     state_sharding=None,
     batch_sharding=None,
     weights_key: str = "weights",
+    per_example_stats: bool = False,
+    directions_fn: Callable[[TrainState], Mapping] | None = None,
+    with_sum_sq: bool = True,
+    chunk_size: int | None = None,
 ):
     r"""Builds the jit-compiled update step ``step(state, batch, hparams) -> (state, metrics)``.
 
@@ -196,6 +244,19 @@ def make_train_step(
     other parameters, for a line search) and, for per-example losses,
     ``per_example_losses`` (:math:`\ell_i`) and ``weights``.
 
+    With ``per_example_stats=True`` the gradient comes from
+    :func:`jaxeff.pergrad.value_grad_and_stats`: the one forward/backward pass that gives
+    :math:`g = \sum_i w_i g_i` also gives per-example gradient statistics (squared norms
+    :math:`\|g_i\|^2`, per-coordinate sums of squares :math:`\sum_i g_i^2`, and inner
+    products :math:`\langle g_i, C_k\rangle` with rank-1 directions), at about the cost of
+    the plain step plus the statistics. ``loss_fn`` must then return ``(B,)`` per-example
+    losses. The statistics, a :class:`jaxeff.pergrad.PerExampleStats`, reach an
+    ``ExtraArgs`` ``tx`` as the extra argument ``per_example_stats`` (so a transform can
+    keep, e.g., gradient-cluster state in ``opt_state``, and with it in checkpoints) and
+    are returned as a third output; ``metrics`` stays a dict of scalars. The directions
+    are ``directions_fn(state)``, read from the state being updated (e.g. cluster centres
+    held in ``state.opt_state``), so they change without recompiling.
+
     ``hparams`` is a dict of scalars (e.g. the weight of a loss schedule). Its values are
     traced arguments of the compiled function, so changing them does not recompile;
     changing its keys or the dtype/weak type of a value (``1`` vs ``1.0``) does.
@@ -214,16 +275,32 @@ def make_train_step(
         ``replicated_sharding(mesh)``); the new state is laid out with it and the metrics
         are replicated on its mesh.
       batch_sharding: optional sharding of the batch (e.g. ``data_sharding(mesh)``),
-        applied as a sharding constraint inside the step. The batch is best placed with
-        :func:`jaxeff.train.shard_batch` beforehand.
+        applied inside the step as a sharding constraint (a ``reshard`` on a mesh with
+        explicit axes). The batch is best placed with :func:`jaxeff.train.shard_batch`
+        beforehand.
       weights_key: the batch entry holding the per-example weights ``(B,)`` that reduce a
         per-example loss.
+      per_example_stats: compute the gradient and per-example statistics in one pass (see
+        above). Every batch entry then needs the leading example axis, and BatchNorm in
+        training mode is refused (it couples the examples).
+      directions_fn: with ``per_example_stats``, ``directions_fn(state) -> {layer path:
+        (v, u)}``, the rank-1 directions of :func:`jaxeff.pergrad.per_example_stats`
+        (``v`` of shape ``(K, d_in)``, ``u`` of shape ``(K, d_out)``, see
+        :func:`jaxeff.pergrad.direction_shapes`), evaluated on the state before the update.
+        ``None``: no inner products.
+      with_sum_sq: with ``per_example_stats``, whether to compute the per-coordinate sums
+        of squares.
+      chunk_size: with ``per_example_stats``, examples per chunk for parameters without a
+        fast rule (``vmap(grad)`` path); ``None``: all at once.
 
     Returns:
-      ``step(state, batch, hparams=None) -> (new_state, metrics)``; ``metrics`` holds
+      ``step(state, batch, hparams=None) -> (new_state, metrics)``, or with
+      ``per_example_stats`` ``-> (new_state, metrics, stats)``; ``metrics`` holds
       ``loss``, ``grad_norm``, ``update_norm``, ``param_norm``, the aux metrics and
-      ``finite``, all device scalars. ``step.jitted`` is the underlying ``jax.jit``
-      function (for ``.lower``/cost analysis).
+      ``finite``, all device scalars; ``stats`` is the
+      :class:`jaxeff.pergrad.PerExampleStats` of the batch at the parameters before the
+      update (laid out as the compiler chooses). ``step.jitted`` is the underlying
+      ``jax.jit`` function (for ``.lower``/cost analysis).
 
     Example::
 
@@ -236,31 +313,108 @@ def make_train_step(
       train_step = make_train_step(graphdef, loss_fn, tx)
       state, metrics = train_step(state, batch, {"weight": 1.0})
       check_finite(metrics, step=0)
+
+      # Per-example losses, statistics from the same pass, directions {layer: (v, u)}
+      # kept in the state of tx's first transform (e.g. gradient-cluster centres).
+      def per_example_loss_fn(model, batch, hparams):
+        return jnp.mean((model(batch["x"]) - batch["y"]) ** 2, axis=-1), {}
+
+      train_step = make_train_step(
+          graphdef, per_example_loss_fn, tx, per_example_stats=True,
+          directions_fn=lambda state: state.opt_state[0].centres)
+      state, metrics, stats = train_step(state, batch)
+      stats.total_sq_norms, stats.dots            # (B,), (K, B)
     """
     if not callable(loss_fn):
         raise TypeError(f"`loss_fn` must be callable, got {type(loss_fn).__name__}.")
     if not isinstance(tx, optax.GradientTransformation):
         raise TypeError(f"`tx` must be an optax.GradientTransformation, got {type(tx).__name__}.")
+    if not isinstance(per_example_stats, bool):
+        raise TypeError(f"`per_example_stats` must be a bool, got {per_example_stats!r}.")
+    if not per_example_stats and (
+        directions_fn is not None or with_sum_sq is not True or chunk_size is not None
+    ):
+        raise ValueError(
+            "`directions_fn`, `with_sum_sq` and `chunk_size` apply to the per-example "
+            "statistics; pass `per_example_stats=True` as well."
+        )
+    if directions_fn is not None and not callable(directions_fn):
+        raise TypeError(
+            f"`directions_fn` must be callable (state -> directions), got "
+            f"{type(directions_fn).__name__}."
+        )
+
+    def per_example_loss_fn(hparams):
+        """``loss_fn`` with ``hparams`` bound, for :func:`value_grad_and_stats`."""
+
+        def fn(model, batch):
+            losses, aux = _check_loss_output(loss_fn(model, batch, hparams))
+            if jnp.ndim(losses) != 1:
+                raise ValueError(
+                    "With `per_example_stats=True`, `loss_fn` must return a (B,) vector of "
+                    f"per-example losses (the step weights them), got shape "
+                    f"{jnp.shape(losses)}."
+                )
+            return losses, dict(aux)
+
+        return fn
+
+    def stats_pass(state: TrainState, batch, hparams):
+        """``(loss, aux, model_state, losses, weights, grads, stats)`` from one pass."""
+        size = _examples_in(batch, weights_key)
+        weights = None if size is None else _example_weights(batch, weights_key, size)
+        model = nnx.merge(graphdef, state.params, state.model_state, copy=True)
+        directions = None
+        if directions_fn is not None:
+            directions = directions_fn(state)
+            try:
+                directions = check_directions(model, directions)
+            except (TypeError, ValueError) as err:
+                raise type(err)(
+                    f"`directions_fn(state)` returned unusable directions: {err}"
+                ) from None
+        (loss, aux), grads, stats = value_grad_and_stats(
+            model,
+            per_example_loss_fn(hparams),
+            batch,
+            weights=weights,
+            directions=directions,
+            with_sum_sq=with_sum_sq,
+            has_aux=True,
+            chunk_size=chunk_size,
+        )
+        _, _, _, model_state = nnx.split(model, nnx.Param, nnx.Intermediate, ...)
+        losses = stats.losses
+        if weights is None:
+            weights = _uniform_weights(losses.shape[0], losses.dtype)
+        return loss, aux, model_state, losses, weights, grads, stats
 
     def update_fn(state: TrainState, batch, hparams):
         if batch_sharding is not None:
-            batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
+            batch = _constrain_batch(batch, batch_sharding)
 
         def compute_loss(params):
             model = nnx.merge(graphdef, params, state.model_state, copy=True)
-            out = loss_fn(model, batch, hparams)
-            if not (isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], Mapping)):
-                raise TypeError(
-                    f"`loss_fn` must return (loss, aux_metrics_dict), got {type(out).__name__}."
-                )
-            losses, aux = out
+            losses, aux = _check_loss_output(loss_fn(model, batch, hparams))
             loss, weights = _reduce_loss(losses, batch, weights_key)
             _, _, _, model_state = nnx.split(model, nnx.Param, nnx.Intermediate, ...)
             return loss, (dict(aux), model_state, losses, weights)
 
-        (loss, (aux, model_state, losses, weights)), grads = jax.value_and_grad(
-            compute_loss, has_aux=True
-        )(state.params)
+        def value_fn(params, *, per_example_losses=None, weights=None, per_example_stats=None, **_):
+            # optax's line search passes value_fn the extra arguments its signature names
+            # and refuses any other, so the step's own extra arguments are named (unused).
+            del per_example_losses, weights, per_example_stats
+            return compute_loss(params)[0]
+
+        stats = None
+        if per_example_stats:
+            loss, aux, model_state, losses, weights, grads, stats = stats_pass(
+                state, batch, hparams
+            )
+        else:
+            (loss, (aux, model_state, losses, weights)), grads = jax.value_and_grad(
+                compute_loss, has_aux=True
+            )(state.params)
         clash = sorted(set(aux) & set(RESERVED_METRICS))
         if clash:
             raise ValueError(
@@ -269,9 +423,11 @@ def make_train_step(
             )
         extra = {}
         if isinstance(tx, optax.GradientTransformationExtraArgs):
-            extra = {"value": loss, "grad": grads, "value_fn": lambda p, **_: compute_loss(p)[0]}
+            extra = {"value": loss, "grad": grads, "value_fn": value_fn}
             if weights is not None:
                 extra.update(per_example_losses=losses, weights=weights)
+            if stats is not None:
+                extra["per_example_stats"] = stats
         updates, opt_state = tx.update(grads, state.opt_state, state.params, **extra)
         params = optax.apply_updates(state.params, updates)
         new_state = state.replace(
@@ -285,11 +441,15 @@ def make_train_step(
             **aux,
             "finite": jnp.isfinite(loss) & _all_finite(grads) & _all_finite(params),
         }
+        if per_example_stats:
+            return new_state, metrics, stats
         return new_state, metrics
 
     jit_kwargs: dict[str, Any] = {"donate_argnums": (0,) if donate else ()}
     if state_sharding is not None:
-        jit_kwargs["out_shardings"] = (state_sharding, _replicated_like(state_sharding))
+        out_shardings = (state_sharding, _replicated_like(state_sharding))
+        # None: the statistics are laid out as the compiler chooses.
+        jit_kwargs["out_shardings"] = out_shardings + ((None,) if per_example_stats else ())
     jitted = jax.jit(update_fn, **jit_kwargs)
 
     def step(state: TrainState, batch, hparams: Mapping[str, Any] | None = None):
