@@ -477,6 +477,9 @@ def test_cnn_rejects_bad_images_and_bad_config(cnn_model):
 def test_public_api():
     assert set(models.__all__) == {
         "CNNImageEncoder",
+        "DeepLinear",
+        "LinearClassifier",
+        "LinearConvNet",
         "GRU",
         "GRUTextEncoder",
         "IMAGE_ENCODERS",

@@ -14,6 +14,7 @@ Faghri, Gowal, Vasconcelos, Fleet, Pedregosa, Le Roux, "Bridging the Gap Between
 Adversarial Robustness and Optimization Bias", https://arxiv.org/abs/2102.08868.
 """
 
+from jaxeff.robust.attacks import ATTACK_LOSSES, AttackResult, pgd_attack
 from jaxeff.robust.fourier import dft, idft
 from jaxeff.robust.linear import (
     certified_radius,
@@ -35,6 +36,9 @@ from jaxeff.robust.projections import project
 from jaxeff.robust.steepest_descent import scale_by_steepest_descent, steepest_descent
 
 __all__ = [
+    "ATTACK_LOSSES",
+    "AttackResult",
+    "pgd_attack",
     "FOURIER_NORMS",
     "MaxMarginSolution",
     "certified_radius",
