@@ -313,3 +313,105 @@ def test_traced_weight_and_margin_are_not_checked():
         loss(jnp.array([0.5, 0.5]), 0.2)
     with pytest.raises(ValueError, match="`margin` must be a scalar"):
         loss(0.5, jnp.array([0.2, 0.2]))
+
+
+def planted_batch(n=32, dim=8):
+    """``n`` pairs where caption 9 copies image 0 and image 21 copies caption 2, and a mask
+    of the extra matching pairs of images 4/5 and 12/30 (same image id)."""
+    im, s = unit(jax.random.key(20), (n, dim)), unit(jax.random.key(21), (n, dim))
+    s = s.at[9].set(im[0])
+    im = im.at[21].set(s[2])
+    ids = jnp.arange(n).at[5].set(4).at[30].set(12)
+    return im, s, losses.positives_from_ids(ids)
+
+
+@pytest.mark.parametrize("axis_type", ["explicit", "auto"])
+@pytest.mark.parametrize("max_violation, top_k", [(False, None), (True, None), (True, 2)])
+def test_local_negatives_sum_per_device_losses(axis_type, max_violation, top_k):
+    # 32 pairs over 8 devices, 4 per device. The planted hard negatives (caption 9 for
+    # image 0, image 21 for caption 2) sit on other devices than their queries: global
+    # negatives see them, per-device negatives do not.
+    types = {"explicit": AxisType.Explicit, "auto": AxisType.Auto}
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(types[axis_type],))
+    im, s, pos = planted_batch()
+    rows = NamedSharding(mesh, PartitionSpec("data"))
+    args = [jax.device_put(x, rows) for x in (im, s, pos)]
+    kw = dict(max_violation=max_violation, top_k=top_k)
+
+    def loss(negatives, reduction="sum"):
+        return jax.jit(
+            lambda a, b, p: losses.vse_hinge_loss(
+                a, b, positives=p, negatives=negatives, mesh=mesh, reduction=reduction, **kw
+            )
+        )(*args)
+
+    ref = lambda a, b, p: reference_loss(
+        np.asarray(a),
+        np.asarray(b),
+        margin=0.2,
+        measure="cosine",
+        positives=np.asarray(p),
+        max_violation=max_violation,
+        top_k=top_k or 1,
+    )
+    want_global = ref(im, s, pos)
+    want_local = sum(
+        ref(im[i : i + 4], s[i : i + 4], pos[i : i + 4, i : i + 4]) for i in range(0, 32, 4)
+    )
+    np.testing.assert_allclose(loss("global"), want_global, rtol=1e-5)
+    np.testing.assert_allclose(loss("local"), want_local, rtol=1e-5)
+    np.testing.assert_allclose(loss("local", "mean"), want_local / 32, rtol=1e-5)
+    assert want_global - want_local > 5.0  # the two definitions differ on this batch
+    # From a row-sharded similarity matrix: its diagonal blocks.
+    scores = losses.similarity_matrix(args[0], args[1])
+    from_scores = jax.jit(
+        lambda x, p: losses.hinge_loss(x, positives=p, negatives="local", mesh=mesh, **kw)
+    )(scores, args[2])
+    np.testing.assert_allclose(from_scores, want_local, rtol=1e-5)
+
+
+def test_local_negatives_gradient_traced_weight_and_context_mesh():
+    # Auto axes: the inputs' types do not name the mesh, jax.set_mesh does.
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Auto,))
+    im, s, pos = planted_batch()
+    rows = NamedSharding(mesh, PartitionSpec("data"))
+    a, b = jax.device_put(im, rows), jax.device_put(s, rows)
+
+    def local(a, b, w):
+        return losses.vse_hinge_loss(a, b, max_violation=w, negatives="local")
+
+    def per_shard(a, b, w):
+        return sum(
+            losses.vse_hinge_loss(a[i : i + 4], b[i : i + 4], max_violation=w)
+            for i in range(0, 32, 4)
+        )
+
+    with jax.set_mesh(mesh):  # the mesh comes from the context
+        got = jax.jit(jax.value_and_grad(local, argnums=(0, 1)))(a, b, 0.5)
+    want = jax.value_and_grad(per_shard, argnums=(0, 1))(im, s, 0.5)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
+    for g, w in zip(got[1], want[1], strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+
+
+def test_local_negatives_on_one_device_equal_global_and_bad_input_is_named():
+    im, s, pos = planted_batch()
+    one = jax.make_mesh((1,), ("data",), devices=jax.devices()[:1])
+    np.testing.assert_allclose(
+        losses.vse_hinge_loss(im, s, max_violation=True, negatives="local", mesh=one),
+        losses.vse_hinge_loss(im, s, max_violation=True),
+        rtol=1e-6,
+    )
+    mesh = jax.make_mesh((8,), ("data",))
+    with pytest.raises(ValueError, match="`negatives`"):
+        losses.vse_hinge_loss(im, s, negatives="device")
+    with pytest.raises(ValueError, match="`negatives`"):
+        losses.hinge_loss(losses.similarity_matrix(im, s), negatives="device")
+    with pytest.raises(ValueError, match="needs the mesh"):
+        losses.vse_hinge_loss(np.asarray(im), np.asarray(s), negatives="local")
+    with pytest.raises(ValueError, match="not divisible by 8"):
+        losses.vse_hinge_loss(im[:12], s[:12], negatives="local", mesh=mesh)
+    with pytest.raises(ValueError, match="`axis_name`"):
+        losses.vse_hinge_loss(im, s, negatives="local", mesh=mesh, axis_name="model")
+    with pytest.raises(ValueError, match="`positives`"):
+        losses.vse_hinge_loss(im, s, negatives="local", mesh=mesh, positives=pos[:4, :4])

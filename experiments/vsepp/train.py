@@ -3,6 +3,21 @@
 Faghri et al., "VSE++: Improving Visual-Semantic Embeddings with Hard Negatives",
 BMVC 2018, https://arxiv.org/abs/1707.05612. The loop reads top to bottom: data, model
 and optimizer, sharding, update step, checkpoint/resume, evaluation, loop, test.
+
+The same code runs on one device, on several, and on many processes (one per host, after
+``jaxeff.train.distributed.initialize_distributed``):
+
+* each process loads only its slice of every training batch, and embeds only its slice
+  of every evaluation batch; the embeddings are then gathered on every process, so each
+  computes the same retrieval numbers (equal to a single-process evaluation);
+* only process 0 writes files (``config.json``, ``vocab.txt``, metrics, ``results.json``)
+  and only process 0 reads them back: it checks the workdir's config and builds or loads
+  the vocabulary (and the training images' groups), then sends them to the others;
+  the dev history travels inside the checkpoints;
+* checkpoints are written and restored by every process together (orbax), so the
+  workdir must be a directory all processes see (NFS or a single machine);
+* a dataset is prepared by process 0 first, then opened (or, on a machine with its own
+  disk, prepared) by the others, so a shared ``data_dir`` is never written twice at once.
 """
 
 from __future__ import annotations
@@ -17,6 +32,7 @@ import jax
 import numpy as np
 import optax
 import tqdm
+from flax import nnx
 
 from jaxeff import losses, retrieval
 from jaxeff import train as jt
@@ -31,9 +47,12 @@ from jaxeff.data import (
     eval_image_batches,
     training_batches,
 )
+from jaxeff.data.pipeline import group_ids
 from jaxeff.losses.hinge import REDUCTIONS
 from jaxeff.losses.similarity import MEASURES
 from jaxeff.models import vse_model
+from jaxeff.train import distributed
+from jaxeff.train.sharding import local_rows, with_auto_axes
 
 PRECOMP = ("coco", "f30k", "f8k")
 # Fields a run may change when it continues in the same workdir: none of them changes
@@ -125,11 +144,16 @@ def resumable_fields(config) -> tuple[str, ...]:
 # Data.
 # ----------------------------------------------------------------------------------------
 def load_splits(config, workdir) -> dict[str, Any]:
-    """Prepares the dataset named by ``config.data`` and returns ``{split: data source}``."""
+    """Prepares the dataset named by ``config.data`` and returns ``{split: data source}``.
+
+    On several processes, process 0 prepares it first and the others then open it (a
+    shared ``data_dir``) or prepare their own copy (a machine with its own disk), see
+    :func:`jaxeff.train.distributed.run_in_turn`.
+    """
     data = config.data
     data_dir = data.data_dir or os.path.join(workdir, "tfds")
     if data.name == "shapes":
-        builder = build_shapes(
+        prepare = lambda: build_shapes(
             data_dir,
             train_families=data.train_families,
             dev_families=data.dev_families,
@@ -144,27 +168,43 @@ def load_splits(config, workdir) -> dict[str, Any]:
                 f"config.data.manual_dir must name the folder with the {data.name} precomp "
                 "files (train_ims.npy, train_caps.txt, dev_*, test_*)."
             )
-        builder = build_precomp(data.name, data.manual_dir, data_dir)
+        prepare = lambda: build_precomp(data.name, data.manual_dir, data_dir)
     else:
         raise ValueError(
             f"config.data.name must be 'shapes' or one of {PRECOMP}, got {data.name!r}."
         )
+    builder = distributed.run_in_turn(prepare, what=f"Preparing the {data.name} dataset")
     return {split: builder.as_data_source(split) for split in builder.info.splits}
 
 
-def load_or_build_vocabulary(config, train_source, workdir) -> Vocabulary:
-    """The vocabulary of the training captions only, saved as ``<workdir>/vocab.txt``.
+def load_training_index(config, train_source, workdir) -> tuple[Vocabulary, np.ndarray | None]:
+    """The vocabulary of the training captions and the group of each training image.
 
-    A saved vocabulary is reused (the workdir's config fixed its threshold); a truncated
-    file is an error, never a silently smaller vocabulary.
+    Process 0 alone reads the whole training split (its captions, its group ids) and
+    ``<workdir>/vocab.txt``, and sends the result to the other processes, which thus read
+    nothing but their own batches and never a file process 0 wrote. A saved vocabulary
+    is reused (the workdir's config fixed its threshold); a truncated file is an error,
+    never a silently smaller vocabulary. A new one is saved as ``vocab.txt``.
+
+    Returns:
+      ``(vocab, groups)``: ``groups`` is ``None`` unless batches are built from groups
+      (``config.data.group_size``).
     """
-    path = os.path.join(workdir, "vocab.txt")
-    if os.path.exists(path):
-        return Vocabulary.load(path)
-    vocab = build_vocabulary(caption_texts(train_source), threshold=config.data.vocab_threshold)
-    if jax.process_index() == 0:
-        vocab.save(path)
-    return vocab
+
+    def read():
+        path = os.path.join(workdir, "vocab.txt")
+        if os.path.exists(path):
+            vocab = Vocabulary.load(path)
+        else:
+            texts = caption_texts(train_source)
+            vocab = build_vocabulary(texts, threshold=config.data.vocab_threshold)
+            vocab.save(path)
+        groups = group_ids(train_source).tolist() if config.data.group_size else None
+        return {"tokens": list(vocab.tokens), "groups": groups}
+
+    index = distributed.broadcast_from_process_zero(read)
+    groups = index["groups"]
+    return Vocabulary(tuple(index["tokens"])), None if groups is None else np.asarray(groups)
 
 
 # ----------------------------------------------------------------------------------------
@@ -196,7 +236,7 @@ def make_loss_fn(config):
     cfg = config.loss
 
     def loss_fn(model, batch, hparams):
-        images, captions = model(batch["image"], batch["tokens"], batch["lengths"])
+        images, captions = encode_pairs(model, batch)
         scores = losses.similarity_matrix(images, captions, measure=cfg.measure)
         loss = losses.hinge_loss(
             scores,
@@ -209,6 +249,33 @@ def make_loss_fn(config):
         return loss, {"sim_spread": losses.similarity_spread(scores)}
 
     return loss_fn
+
+
+def encode_pairs(model, batch):
+    """``(image_emb, caption_emb)`` of a batch, on a mesh of either axis type.
+
+    With the batch sharded over explicit mesh axes the encoders run with those axes as
+    auto axes (:func:`jaxeff.train.sharding.with_auto_axes`; ``nnx.Embed`` has no rule for
+    batch-sharded ids); the embeddings come back sharded along the batch.
+    """
+    graphdef, state = nnx.split(model)
+    forward = lambda state, *inputs: nnx.merge(graphdef, state)(*inputs)
+    return with_auto_axes(forward)(state, batch["image"], batch["tokens"], batch["lengths"])
+
+
+def make_step(graphdef, config, tx, mesh):
+    """The jitted update step: state replicated on ``mesh``, batch split along its axis.
+
+    ``mesh`` may have auto or explicit axes (:func:`jaxeff.train.make_mesh`); both give
+    the same step.
+    """
+    return jt.make_train_step(
+        graphdef,
+        make_loss_fn(config),
+        tx,
+        state_sharding=jt.replicated_sharding(mesh),
+        batch_sharding=jt.data_sharding(mesh),
+    )
 
 
 def hard_weight_fn(config):
@@ -236,30 +303,63 @@ def make_optimizer(config, num_steps: int, steps_per_epoch: int):
 # ----------------------------------------------------------------------------------------
 # Evaluation.
 # ----------------------------------------------------------------------------------------
-def make_embed_fn(graphdef, config):
-    """Returns ``embed(state, source, vocab) -> (image_emb (N, D), caption_emb (5N, D))``."""
+def eval_batch_rows(config, mesh) -> int:
+    """Rows of a global evaluation batch: ``eval_batch_size`` rounded up to whole devices."""
+    return -(-config.eval_batch_size // mesh.size) * mesh.size
 
-    @jax.jit
-    def encode_images(state, images):
-        return jt.merge_model(graphdef, state).encode_images(images)
 
-    @jax.jit
-    def encode_captions(state, tokens, lengths):
-        return jt.merge_model(graphdef, state).encode_captions(tokens, lengths)
+def make_embed_fn(graphdef, config, mesh=None):
+    """Returns ``embed(state, source, vocab) -> (image_emb (N, D), caption_emb (5N, D))``.
+
+    Data parallel over ``mesh`` (default :func:`jaxeff.train.make_mesh`): each global
+    batch of :func:`eval_batch_rows` rows is split over the devices, each process reading
+    and embedding only its slice; the embeddings are then gathered on every process
+    (:func:`jaxeff.train.distributed.gather_rows`). On several processes, process 0 says
+    how many rows each embedded. The result does not depend on how the devices are
+    spread over processes.
+    """
+    mesh = jt.make_mesh() if mesh is None else mesh
+
+    def encoder(method):
+        def encode(state, *inputs):
+            forward = lambda state, *x: getattr(jt.merge_model(graphdef, state), method)(*x)
+            return with_auto_axes(forward)(state, *inputs)
+
+        return jax.jit(encode, out_shardings=jt.data_sharding(mesh))
+
+    encode_images, encode_captions = encoder("encode_images"), encoder("encode_captions")
+
+    def embed_split(encode, batches, keys):
+        rows, masks = [], []
+        for batch in batches:
+            inputs = jt.shard_batch({k: batch[k] for k in keys}, mesh)
+            rows.append(local_rows(encode(*[inputs[k] for k in keys])))
+            masks.append(batch["mask"])
+        return distributed.gather_rows(
+            np.concatenate(rows), np.concatenate(masks), num_batches=len(rows)
+        )
 
     def embed(state, source, vocab):
-        b = config.eval_batch_size
-        ims = [
-            np.asarray(encode_images(state, x["image"]))[x["mask"]]
-            for x in eval_image_batches(source, batch_size=b)
-        ]
-        caps = [
-            np.asarray(encode_captions(state, x["tokens"], x["lengths"]))[x["mask"]]
-            for x in eval_caption_batches(
-                source, vocab, batch_size=b, max_length=config.data.max_length
+        state = jt.replicate(state, mesh)
+        shard = dict(
+            batch_size=eval_batch_rows(config, mesh),
+            shard_index=jax.process_index(),
+            shard_count=jax.process_count(),
+        )
+        images, image_counts = embed_split(
+            lambda x: encode_images(state, x), eval_image_batches(source, **shard), ["image"]
+        )
+        captions, caption_counts = embed_split(
+            lambda tokens, lengths: encode_captions(state, tokens, lengths),
+            eval_caption_batches(source, vocab, max_length=config.data.max_length, **shard),
+            ["tokens", "lengths"],
+        )
+        if jax.process_count() > 1:
+            _say(
+                f"Evaluation split over {jax.process_count()} processes: images embedded "
+                f"per process {image_counts.tolist()}, captions {caption_counts.tolist()}."
             )
-        ]
-        return np.concatenate(ims), np.concatenate(caps)
+        return images, captions
 
     return embed
 
@@ -290,7 +390,8 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
       unless ``allow_config_change``.
 
     Writes ``metrics.jsonl`` + TensorBoard events, ``config.json``, ``vocab.txt`` and
-    ``results.json`` into ``workdir``.
+    ``results.json`` into ``workdir`` (process 0 only; see the module docstring for runs on
+    several processes).
 
     Returns:
       ``{"dev": best dev RetrievalResult, "test": test RetrievalResult, "best_step": int,
@@ -299,22 +400,25 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
     """
     # Config: checked, and bound to the workdir, before anything is built ----------------
     validate_config(config)
-    changes = jt.bind_config_to_workdir(
-        config,
-        workdir,
-        may_differ=resumable_fields(config),
-        allow_changes=allow_config_change,
+    # Process 0 alone reads and writes config.json; the others learn its verdict.
+    changes = distributed.broadcast_from_process_zero(
+        lambda: jt.bind_config_to_workdir(
+            config,
+            workdir,
+            may_differ=resumable_fields(config),
+            allow_changes=allow_config_change,
+        )
     )
     if changes:
         _say(f"Continuing {workdir} with changed config fields: {', '.join(changes)}.")
 
-    # Data ------------------------------------------------------------------------------
+    # Data: each process loads only its slice of every global batch ----------------------
     splits = load_splits(config, workdir)
     train_source, dev_source = splits["train"], splits[config.data.eval_split]
-    vocab = load_or_build_vocabulary(config, train_source, workdir)
+    vocab, groups = load_training_index(config, train_source, workdir)
     group_size = config.data.group_size or None
     steps_per_epoch = batches_per_epoch(
-        train_source, batch_size=config.batch_size, group_size=group_size
+        train_source, batch_size=config.batch_size, group_size=group_size, groups=groups
     )
     num_steps = config.num_steps or config.num_epochs * steps_per_epoch
     eval_every = config.eval_every or steps_per_epoch
@@ -325,6 +429,7 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
         max_length=config.data.max_length,
         seed=config.seed,
         group_size=group_size,
+        groups=groups,
         shard_index=jax.process_index(),
         shard_count=jax.process_count(),
     )
@@ -336,24 +441,21 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
     hard_weight = hard_weight_fn(config)
 
     # Sharding: parameters replicated, batch split along the data axis --------------------
-    mesh = jt.make_mesh()
+    mesh = jt.make_mesh()  # every device of every process
     state = jt.replicate(state, mesh)
-    train_step = jt.make_train_step(
-        graphdef,
-        make_loss_fn(config),
-        tx,
-        state_sharding=jt.replicated_sharding(mesh),
-        batch_sharding=jt.data_sharding(mesh),
-    )
-    embed = make_embed_fn(graphdef, config)
+    train_step = make_step(graphdef, config, tx, mesh)
+    embed = make_embed_fn(graphdef, config, mesh)
 
     # Checkpoint: resume from the latest, keep the best by dev rsum ------------------------
+    # Every process saves and restores (orbax's multi-host path); the extra is process 0's.
     ckpt = jt.Checkpointer(os.path.join(workdir, "checkpoints"), best_metric="dev_rsum")
     data_iter = iter(train_data)
     # The run's own record travels with its checkpoints (no process reads the log back).
     history, collapsed = [], False  # dev metrics of each evaluation; whether MH collapsed
     if ckpt.latest_step is not None:
         state, extra = ckpt.restore(state)
+        # Every process walks the same global plan in step, so process 0's position (the
+        # one saved) is every process's.
         data_iter.set_state(extra["data"])
         history, collapsed = extra["dev_history"], extra["collapsed"]
         _say(f"Resumed from step {int(state.step)} of {num_steps} ({workdir}).")
@@ -374,8 +476,8 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
         jt.progress_bar(num_steps, initial=start, desc="train") as bar,
     ):
         for step in range(start, num_steps):
-            host_batch = next(data_iter)
-            # Order-sensitive digest of the examples seen since the last log line.
+            host_batch = next(data_iter)  # this process's slice of the global batch
+            # Order-sensitive digest of the examples (process 0's) since the last log line.
             digest = zlib.crc32(np.ascontiguousarray(host_batch["image_id"]).tobytes(), digest)
             batch = jt.shard_batch(host_batch, mesh)
             state, metrics = train_step(state, batch, {"hard_weight": hard_weight(step)})

@@ -15,6 +15,7 @@ from jaxeff.data.pipeline import (
     caption_texts,
     eval_caption_batches,
     eval_image_batches,
+    group_ids,
     to_float_image,
     training_batches,
 )
@@ -34,6 +35,7 @@ from jaxeff.data.vocab import (
 from jaxeff.retrieval import CAPTIONS_PER_IMAGE
 
 __all__ = [
+    "group_ids",
     "num_classes",
     "load_image_classification",
     "IMAGE_DATASETS",

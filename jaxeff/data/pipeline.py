@@ -40,6 +40,7 @@ __all__ = [
     "caption_texts",
     "eval_caption_batches",
     "eval_image_batches",
+    "group_ids",
     "to_float_image",
     "training_batches",
 ]
@@ -153,10 +154,22 @@ class _PickFromGroup:
         return CAPTIONS_PER_IMAGE * chosen + rng.integers(0, CAPTIONS_PER_IMAGE, self.group_size)
 
 
+def group_ids(source) -> np.ndarray:
+    """The ``group`` of every record of ``source``, ``(N,)`` int64, in order.
+
+    Reads every record once (decoding its image); pass the result as ``groups`` to
+    :func:`training_batches` and :func:`batches_per_epoch` so that they do not read the
+    whole split again (in a multi-process run, one process can read it and send it to
+    the others).
+    """
+    _check_source(source)
+    return np.array([int(r["group"]) for r in _iter_records(source)], dtype=np.int64)
+
+
 def _group_members(source, groups, group_size: int) -> list[np.ndarray]:
     n = len(source)
     if groups is None:
-        groups = [int(r["group"]) for r in _iter_records(source)]
+        groups = group_ids(source)
     groups = np.asarray(groups)
     if groups.shape != (n,) or not np.issubdtype(groups.dtype, np.integer):
         raise ValueError(
@@ -291,6 +304,18 @@ def _pad_rows(num_rows: int, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
     return np.where(mask, np.arange(batch_size), 0), mask
 
 
+def _eval_slices(num_rows: int, batch_size: int, shard_index: int, shard_count: int):
+    """This shard's rows of each of the ``ceil(num_rows / batch_size)`` global batches.
+
+    Global batch ``t`` holds rows ``[t·B, (t+1)·B)``; shard ``i`` of ``P`` takes its
+    ``i``-th contiguous ``B / P`` of them (fewer, or none, at the end of the data).
+    """
+    _check_batching(batch_size, None, shard_count, shard_index)
+    size = batch_size // shard_count
+    starts = np.arange(0, num_rows, batch_size) + shard_index * size
+    return [np.arange(min(s, num_rows), min(s + size, num_rows)) for s in starts]
+
+
 @dataclasses.dataclass(frozen=True)
 class _ImageBatch:
     source: Any
@@ -298,10 +323,14 @@ class _ImageBatch:
     image_fn: ImageFn
 
     def __call__(self, indices: np.ndarray) -> dict[str, np.ndarray]:
-        records = _read(self.source, np.asarray(indices).reshape(-1))
-        take, mask = _pad_rows(len(records), self.batch_size)
+        indices = np.asarray(indices).reshape(-1)
+        real = len(indices)
+        # A slice past the end of the data is all padding: copies of image 0.
+        records = _read(self.source, indices if real else [0])
+        take, _ = _pad_rows(len(records), self.batch_size)
         images = np.stack([self.image_fn(r["image"]) for r in records])
         ids = np.array([r["image_id"] for r in records], dtype=np.int32)
+        mask = np.arange(self.batch_size) < real
         return {"image": images[take], "image_id": ids[take], "mask": mask}
 
 
@@ -310,26 +339,40 @@ def eval_image_batches(
     *,
     batch_size: int,
     image_fn: ImageFn = to_float_image,
+    shard_index: int = 0,
+    shard_count: int = 1,
     read_options: grain.ReadOptions | None = None,
 ) -> grain.IterDataset:
     """All images of ``source`` in order, in ``ceil(N / batch_size)`` fixed-size batches.
 
+    With ``shard_count = P > 1`` (an evaluation split over processes), each global batch
+    of ``batch_size`` images is cut into ``P`` contiguous slices and this shard reads and
+    yields only slice ``shard_index`` of every batch: ``batch_size / P`` rows, padded
+    (``mask`` false) where the data ends. Every shard yields the same number of batches;
+    its slices of all of them, concatenated over the shards batch by batch, are the
+    unsharded batches (see :func:`jaxeff.train.distributed.gather_rows`).
+
     Args:
       source: random-access image-level records.
-      batch_size: rows per batch; the last batch is padded and flagged by ``mask``.
+      batch_size: rows per (global) batch; the last batch is padded and flagged by
+        ``mask``. Divisible by ``shard_count``.
       image_fn: record ``image`` -> float32 array of one fixed shape; default
         :func:`to_float_image`.
+      shard_index: this process's slice of each batch ...
+      shard_count: ... out of this many (e.g. ``jax.process_index()`` and
+        ``jax.process_count()``).
       read_options: grain thread prefetching; default 4 threads, 8 batches ahead.
 
     Returns:
       A ``grain.IterDataset`` (iterate it once per evaluation) of dicts ``image``,
-      ``image_id``, ``mask``. Concatenating the ``image`` rows where ``mask`` holds gives
-      the ``N`` images in source order.
+      ``image_id``, ``mask`` with ``batch_size / shard_count`` rows. Concatenating the
+      ``image`` rows where ``mask`` holds gives the ``N`` images in source order (without
+      sharding), or this shard's share of them.
     """
     n = _check_source(source)
-    _check_batching(batch_size, None, 1, 0)
-    batches = grain.MapDataset.range(n).batch(batch_size)
-    batches = batches.map(_ImageBatch(source, batch_size, image_fn))
+    slices = _eval_slices(n, batch_size, shard_index, shard_count)
+    size = batch_size // shard_count
+    batches = grain.MapDataset.source(slices).map(_ImageBatch(source, size, image_fn))
     return batches.to_iter_dataset(read_options or _DEFAULT_READ_OPTIONS)
 
 
@@ -340,15 +383,18 @@ class _CaptionBatch:
     image_ids: np.ndarray
     batch_size: int
 
-    def __call__(self, indices: np.ndarray) -> dict[str, np.ndarray]:
-        indices = np.asarray(indices).reshape(-1)
-        take, mask = _pad_rows(len(indices), self.batch_size)
-        rows = indices[take]
+    def __call__(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+        rows = np.asarray(rows).reshape(-1)
+        real = len(rows)
+        if not real:  # a slice past the end of the data is all padding: copies of row 0
+            rows = np.zeros((1,), np.int64)
+        take, _ = _pad_rows(len(rows), self.batch_size)
+        rows = rows[take]
         return {
             "tokens": self.tokens[rows],
             "lengths": self.lengths[rows],
             "image_id": self.image_ids[rows],
-            "mask": mask,
+            "mask": np.arange(self.batch_size) < real,
         }
 
 
@@ -358,34 +404,53 @@ def eval_caption_batches(
     *,
     batch_size: int,
     max_length: int,
+    shard_index: int = 0,
+    shard_count: int = 1,
     read_options: grain.ReadOptions | None = None,
 ) -> grain.IterDataset:
     """All ``5 N`` captions of ``source`` in order (caption ``5 * image + j``), batched.
 
-    The captions are read and tokenized once, when this is called; the batches are then
-    slices of the resulting arrays.
+    The captions this shard needs are read and tokenized once, when this is called; the
+    batches are then slices of the resulting arrays. Sharding works as in
+    :func:`eval_image_batches`: with ``shard_count = P``, this shard yields slice
+    ``shard_index`` (``batch_size / P`` rows) of each global batch and reads only the
+    records of the images those captions describe.
 
     Args:
       source: random-access image-level records.
       vocab: tokenizes the captions.
-      batch_size: rows per batch; the last batch is padded and flagged by ``mask``.
+      batch_size: rows per (global) batch; the last batch is padded and flagged by
+        ``mask``. Divisible by ``shard_count``.
       max_length: token columns; longer captions are cut, keeping ``<end>``.
+      shard_index: this process's slice of each batch ...
+      shard_count: ... out of this many.
       read_options: grain thread prefetching; default 4 threads, 8 batches ahead.
 
     Returns:
       A ``grain.IterDataset`` of dicts ``tokens``, ``lengths``, ``image_id``, ``mask``, in
-      ``ceil(5 N / batch_size)`` batches.
+      ``ceil(5 N / batch_size)`` batches of ``batch_size / shard_count`` rows.
     """
     if not isinstance(vocab, Vocabulary):
         raise ValueError(f"vocab must be a Vocabulary, got {type(vocab).__name__}.")
     n = _check_source(source)
-    _check_batching(batch_size, None, 1, 0)
-    captions, image_ids = [], np.empty((n,), np.int32)
-    for i, record in enumerate(_iter_records(source)):
-        captions.extend(record["captions"])
-        image_ids[i] = record["image_id"]
+    slices = _eval_slices(CAPTIONS_PER_IMAGE * n, batch_size, shard_index, shard_count)
+    wanted = np.concatenate(slices)
+    # The images whose captions this shard embeds (image 0 alone if none: it pads).
+    images = np.unique(wanted // CAPTIONS_PER_IMAGE) if wanted.size else np.zeros(1, np.int64)
+    captions, image_ids = [], np.empty((len(images),), np.int32)
+    chunk = 256
+    for start in range(0, len(images), chunk):
+        for i, record in enumerate(_read(source, images[start : start + chunk]), start):
+            captions.extend(record["captions"])
+            image_ids[i] = record["image_id"]
     tokens, lengths = vocab.encode_batch(captions, max_length=max_length)
     image_ids = np.repeat(image_ids, CAPTIONS_PER_IMAGE)
-    batch = _CaptionBatch(tokens, lengths, image_ids, batch_size)
-    batches = grain.MapDataset.range(CAPTIONS_PER_IMAGE * n).batch(batch_size).map(batch)
+    # Global caption row -> row of the arrays above.
+    local = lambda rows: (
+        CAPTIONS_PER_IMAGE * np.searchsorted(images, rows // CAPTIONS_PER_IMAGE)
+        + rows % CAPTIONS_PER_IMAGE
+    )
+    size = batch_size // shard_count
+    batch = _CaptionBatch(tokens, lengths, image_ids, size)
+    batches = grain.MapDataset.source([local(rows) for rows in slices]).map(batch)
     return batches.to_iter_dataset(read_options or _DEFAULT_READ_OPTIONS)

@@ -13,6 +13,10 @@ For a batch of ``B`` matched pairs with similarity matrix ``S`` (image ``k`` vs 
 
 The sum of hinges (SH, VSE0) adds every cost; the max of hinges (MH, VSE++) keeps, for
 each query, only its hardest negative. Both directions are added.
+
+Negatives are taken over the whole (global) batch, also when it is sharded over devices;
+``negatives="local"`` takes them among the examples on the query's own device only, so
+no device ever holds the ``B × B`` similarity matrix (see :func:`hinge_loss`).
 """
 
 from __future__ import annotations
@@ -23,11 +27,13 @@ import numbers
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from jaxeff._sharding import gather_explicit
 from jaxeff.losses.similarity import check_embedding_pair, similarity_matrix
 
 REDUCTIONS = ("sum", "mean")
+NEGATIVES = ("global", "local")
 # Similarity spread below which a batch counts as collapsed. Healthy VSE models sit at
 # 0.1-0.4 (cosine); MH trained from scratch on the generated data fell to 1e-3 within 650
 # steps and kept falling, its loss pinned at 2·B·α.
@@ -48,16 +54,21 @@ def positives_from_ids(image_ids):
     """
     if jnp.ndim(image_ids) != 1:
         raise ValueError(f"`image_ids` must be 1-D, got shape {jnp.shape(image_ids)}.")
-    return image_ids[:, None] == image_ids[None, :]
+    # Rows keep the ids' sharding; every column needs all ids (explicit mesh axes).
+    return image_ids[:, None] == gather_explicit(image_ids)[None, :]
 
 
 def _check_scores(scores, positives):
     if jnp.ndim(scores) != 2 or scores.shape[0] != scores.shape[1]:
         raise ValueError(f"`scores` must be a square (B, B) matrix, got shape {jnp.shape(scores)}.")
+    _check_positives(positives, scores.shape[0])
+
+
+def _check_positives(positives, batch: int):
     if positives is not None:
-        if jnp.shape(positives) != scores.shape:
+        if jnp.shape(positives) != (batch, batch):
             raise ValueError(
-                f"`positives` must have shape {scores.shape} (one entry per image-caption "
+                f"`positives` must have shape {(batch, batch)} (one entry per image-caption "
                 f"pair in the batch), got {jnp.shape(positives)}."
             )
         if jnp.result_type(positives) != jnp.bool_:
@@ -128,7 +139,7 @@ def hinge_costs(scores, *, margin: float = 0.2, positives=None):
     cost_im = jax.nn.relu(margin + scores.T - diagonal[:, None])
     excluded = jnp.eye(scores.shape[0], dtype=bool)
     if positives is not None:
-        excluded = excluded | positives
+        excluded = excluded | gather_explicit(positives)
     return jnp.where(excluded, 0.0, cost_s), jnp.where(excluded.T, 0.0, cost_im)
 
 
@@ -161,6 +172,9 @@ def hinge_loss(
     top_k: int | None = None,
     reduction: str = "sum",
     positives=None,
+    negatives: str = "global",
+    mesh=None,
+    axis_name: str | None = None,
 ):
     """Contrastive hinge loss (SH or MH) from an in-batch similarity matrix.
 
@@ -186,6 +200,18 @@ def hinge_loss(
         ``"mean"`` over the ``B`` queries (the sum divided by ``B``).
       positives: optional ``(B, B)`` boolean mask of extra matching pairs that are not
         negatives of each other (e.g. two captions of one image).
+      negatives: ``"global"``: each query's negatives are all other examples of the batch,
+        wherever they are sharded (the definition above). ``"local"``: with the batch
+        sharded over ``D`` devices along ``axis_name`` of ``mesh`` (``b = B / D`` rows
+        each), only the examples on the query's own device: the loss is the sum over
+        devices of the global-negative loss of each device's ``b × b`` diagonal block of
+        ``scores`` (mean: divided by ``B``). Each device then touches ``b × b`` costs
+        only, for batches whose ``B × B`` costs do not fit; the hardest negatives are
+        those of a ``b``-example batch. Equal to ``"global"`` on one device.
+      mesh: with ``negatives="local"``, the mesh the batch is sharded over; default the
+        mesh set by ``jax.set_mesh``, else that of an input sharded over explicit axes.
+      axis_name: with ``negatives="local"``, the mesh axis of the batch; default the
+        mesh's first axis.
 
     Returns:
       Scalar loss.
@@ -208,6 +234,20 @@ def hinge_loss(
     """
     if reduction not in REDUCTIONS:
         raise ValueError(f"`reduction` must be one of {REDUCTIONS}, got {reduction!r}.")
+    if negatives not in NEGATIVES:
+        raise ValueError(f"`negatives` must be one of {NEGATIVES}, got {negatives!r}.")
+    if negatives == "local":
+        _check_scores(scores, positives)
+        kwargs = dict(margin=margin, max_violation=max_violation, top_k=top_k)
+
+        def block_loss(rows, positive_rows, block):
+            """Sum-reduced loss of this device's diagonal block of ``scores``."""
+            take = lambda x: jax.lax.dynamic_slice_in_dim(x, block * x.shape[0], x.shape[0], 1)
+            mask = None if positive_rows is None else take(positive_rows)
+            return hinge_loss(take(rows), positives=mask, **kwargs)
+
+        total = _sum_over_devices(block_loss, (scores, positives), mesh, axis_name)
+        return total if reduction == "sum" else total / scores.shape[0]
     w = _hard_negative_weight(max_violation, top_k)
     cost_s, cost_im = hinge_costs(scores, margin=margin, positives=positives)
 
@@ -234,6 +274,9 @@ def vse_hinge_loss(
     top_k: int | None = None,
     reduction: str = "sum",
     positives=None,
+    negatives: str = "global",
+    mesh=None,
+    axis_name: str | None = None,
 ):
     """VSE0 / VSE++ contrastive loss of a batch of matched image-caption embeddings.
 
@@ -243,7 +286,9 @@ def vse_hinge_loss(
     (``max_violation=True``, VSE++, Faghri et al. 2018, arXiv 1707.05612, Eq. 5).
 
     Pure and shape-static: it jits, differentiates and vmaps. Inside a jit over a batch
-    sharded across devices the negatives are taken over the global batch.
+    sharded across devices the negatives are taken over the global batch; with
+    ``negatives="local"`` over each device's own examples, computed per device
+    (``jax.shard_map``) so that no device forms the ``B × B`` similarity matrix.
 
     Args:
       images: ``(B, D)`` image embeddings ``u_k`` (row ``k`` matches caption ``k``).
@@ -254,6 +299,12 @@ def vse_hinge_loss(
       top_k: number of hardest negatives per query for the MH term (default 1).
       reduction: ``"sum"`` (reference) or ``"mean"`` over queries.
       positives: optional ``(B, B)`` boolean mask of extra matching pairs.
+      negatives: ``"global"`` (every other example of the batch) or ``"local"`` (the
+        examples on the query's device: the sum over devices of each shard's loss), as in
+        :func:`hinge_loss`.
+      mesh: with ``negatives="local"``, the mesh the batch is sharded over (default: the
+        ``jax.set_mesh`` mesh, else the inputs' explicit mesh).
+      axis_name: with ``negatives="local"``, the batch's mesh axis (default: the first).
 
     Returns:
       Scalar loss. ``B = 1`` has no negatives and gives 0.
@@ -271,15 +322,94 @@ def vse_hinge_loss(
       >>> loss = vse_hinge_loss(u, u[::-1], max_violation=True)
     """
     check_embedding_pair(images, captions)
+    kwargs = dict(margin=margin, max_violation=max_violation, top_k=top_k)
+    if negatives not in NEGATIVES:
+        raise ValueError(f"`negatives` must be one of {NEGATIVES}, got {negatives!r}.")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"`reduction` must be one of {REDUCTIONS}, got {reduction!r}.")
+    if negatives == "local":
+        b = images.shape[0]
+        _check_positives(positives, b)
+
+        def shard_loss(u, v, positive_rows, block):
+            """Sum-reduced loss of this device's pairs, negatives among them only."""
+            mask = None
+            if positive_rows is not None:
+                mask = jax.lax.dynamic_slice_in_dim(
+                    positive_rows, block * u.shape[0], u.shape[0], 1
+                )
+            scores = similarity_matrix(u, v, measure=measure)
+            return hinge_loss(scores, positives=mask, **kwargs)
+
+        total = _sum_over_devices(shard_loss, (images, captions, positives), mesh, axis_name)
+        return total if reduction == "sum" else total / b
     scores = similarity_matrix(images, captions, measure=measure)
-    return hinge_loss(
-        scores,
-        margin=margin,
-        max_violation=max_violation,
-        top_k=top_k,
-        reduction=reduction,
-        positives=positives,
-    )
+    return hinge_loss(scores, reduction=reduction, positives=positives, **kwargs)
+
+
+def _local_mesh(mesh, axis_name, arrays):
+    """The mesh and axis a batch is sharded over, for ``negatives="local"``."""
+    if mesh is None:
+        context = jax.sharding.get_abstract_mesh()
+        mesh = None if context.empty else context
+    if mesh is None:
+        for x in arrays:
+            spec = jax.typeof(x).sharding.spec if x is not None else ()
+            if spec and spec[0] is not None:
+                mesh = jax.typeof(x).sharding.mesh
+                break
+    if mesh is None:
+        raise ValueError(
+            "`negatives='local'` needs the mesh the batch is sharded over: pass `mesh`, or "
+            "call it under `jax.set_mesh(mesh)`."
+        )
+    axis_name = mesh.axis_names[0] if axis_name is None else axis_name
+    if axis_name not in mesh.axis_names:
+        raise ValueError(f"`axis_name` {axis_name!r} is not an axis of the mesh {mesh.axis_names}.")
+    return mesh, axis_name
+
+
+def _split_rows(x, mesh, axis_name):
+    """``x`` with its rows split over ``axis_name``, as ``shard_map`` expects on explicit axes
+    (on auto axes ``shard_map`` moves the data itself)."""
+    if jax.typeof(x).sharding.spec[:1] == (axis_name,) or all(
+        t != AxisType.Explicit for t in mesh.axis_types
+    ):
+        return x
+    if isinstance(mesh, Mesh):
+        return jax.sharding.reshard(x, NamedSharding(mesh, PartitionSpec(axis_name)))
+    with jax.sharding.use_abstract_mesh(mesh):
+        return jax.sharding.reshard(x, PartitionSpec(axis_name))
+
+
+def _sum_over_devices(per_device_loss, arrays, mesh, axis_name):
+    """``Σ_devices per_device_loss(*local rows, device index)`` with ``jax.shard_map``.
+
+    Every array of ``arrays`` (``None`` allowed) is split along its leading (batch) axis
+    over ``axis_name``; the result is a replicated scalar.
+    """
+    mesh, axis_name = _local_mesh(mesh, axis_name, arrays)
+    devices = mesh.shape[axis_name]
+    batch = arrays[0].shape[0]
+    if batch % devices:
+        raise ValueError(
+            f"`negatives='local'` splits the batch of {batch} over the {devices} devices of "
+            f"mesh axis {axis_name!r}; {batch} is not divisible by {devices}."
+        )
+    present = [_split_rows(x, mesh, axis_name) for x in arrays if x is not None]
+
+    def body(*local):
+        it = iter(local)
+        rows = [None if x is None else next(it) for x in arrays]
+        loss = per_device_loss(*rows, jax.lax.axis_index(axis_name))
+        return jax.lax.psum(loss, axis_name)
+
+    return jax.shard_map(
+        body,
+        mesh=mesh,
+        in_specs=tuple(PartitionSpec(axis_name) for _ in present),
+        out_specs=PartitionSpec(),
+    )(*present)
 
 
 def similarity_spread(scores):

@@ -3,7 +3,9 @@
 An experiment's ``train_and_evaluate`` reads top to bottom (big_vision style) and calls:
 
 * :func:`make_mesh`, :func:`replicate`, :func:`shard_batch` -- data parallelism on one
-  CPU, 8 fake devices or many hosts;
+  CPU, 8 fake devices or many hosts; :func:`initialize_distributed`,
+  :func:`broadcast_from_process_zero`, :func:`run_in_turn`, :func:`gather_rows` -- joining
+  a cluster, process-0 decisions, dataset preparation in turn, sharded evaluation;
 * :func:`create_train_state`, :func:`make_train_step`, :func:`merge_model` -- the
   jit-compiled update step of an nnx model (optionally with per-example gradient
   statistics from the same pass); :class:`FiniteGuard`, :func:`check_finite` -- no
@@ -23,14 +25,23 @@ from jaxeff.train.config import (
     config_differences,
     config_to_json,
 )
+from jaxeff.train.distributed import (
+    broadcast_from_process_zero,
+    gather_rows,
+    initialize_distributed,
+    run_in_turn,
+)
 from jaxeff.train.metrics import MetricWriter, progress_bar, read_metrics, to_python_scalars
 from jaxeff.train.preemption import PreemptionSignal
 from jaxeff.train.sharding import (
+    AXIS_TYPES,
     data_sharding,
+    local_rows,
     make_mesh,
     replicate,
     replicated_sharding,
     shard_batch,
+    with_auto_axes,
 )
 from jaxeff.train.step import (
     RESERVED_METRICS,
@@ -44,6 +55,13 @@ from jaxeff.train.step import (
 )
 
 __all__ = [
+    "with_auto_axes",
+    "local_rows",
+    "run_in_turn",
+    "initialize_distributed",
+    "gather_rows",
+    "broadcast_from_process_zero",
+    "AXIS_TYPES",
     "RESERVED_METRICS",
     "CheckpointWriteError",
     "Checkpointer",

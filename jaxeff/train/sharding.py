@@ -5,8 +5,14 @@ of every process, the train state replicated on it, the batch split along its le
 axis. Each process loads only its own slice of the global batch (``global batch = local
 batch × process count``) and :func:`shard_batch` assembles the global array without any
 cross-host copy. The same code runs on one CPU, on 8 fake CPU devices
-(``XLA_FLAGS=--xla_force_host_platform_device_count=8``) and after
-``jax.distributed.initialize`` on many hosts.
+(``XLA_FLAGS=--xla_force_host_platform_device_count=8``) and on many hosts after
+:func:`jaxeff.train.distributed.initialize_distributed`.
+
+Meshes come in two kinds: with *auto* axes (the default here) the compiler chooses how
+intermediate values are laid out; with *explicit* axes (``axis_type="explicit"``, the
+default of ``jax.make_mesh``) each array's sharding is part of its type. Both run the
+same data-parallel step; per-example code without explicit-sharding rules (an embedding
+lookup on batch-sharded ids) runs inside :func:`with_auto_axes`.
 """
 
 from __future__ import annotations
@@ -15,38 +21,54 @@ from collections.abc import Sequence
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 __all__ = [
+    "AXIS_TYPES",
     "data_sharding",
+    "local_rows",
     "make_mesh",
     "replicate",
     "replicated_sharding",
     "shard_batch",
+    "with_auto_axes",
 ]
 
+#: The mesh axis types :func:`make_mesh` accepts by name.
+AXIS_TYPES = {"auto": AxisType.Auto, "explicit": AxisType.Explicit}
 
-def make_mesh(axis_name: str = "data", *, devices: Sequence[jax.Device] | None = None) -> Mesh:
+
+def make_mesh(
+    axis_name: str = "data",
+    *,
+    devices: Sequence[jax.Device] | None = None,
+    axis_type: str = "auto",
+) -> Mesh:
     """A 1-D mesh over all devices (of all processes), for data parallelism.
 
     Args:
       axis_name: name of the single mesh axis the batch is split along.
       devices: the devices to use; default ``jax.devices()`` (every device of every
         process, ordered by process so each process's devices are contiguous).
+      axis_type: ``"auto"`` (the compiler lays out intermediate values) or ``"explicit"``
+        (shardings are part of the arrays' types, as with ``jax.make_mesh``'s default).
 
     Returns:
       A ``jax.sharding.Mesh`` of shape ``(len(devices),)`` with axis ``axis_name``.
 
     Example::
 
-      mesh = make_mesh()            # Mesh('data': 8) on 8 fake CPU devices
+      mesh = make_mesh()                          # Mesh('data': 8) on 8 fake CPU devices
+      mesh = make_mesh(axis_type="explicit")      # the same devices, explicit axis
     """
     if not isinstance(axis_name, str) or not axis_name:
         raise ValueError(f"`axis_name` must be a non-empty string, got {axis_name!r}.")
+    if axis_type not in AXIS_TYPES:
+        raise ValueError(f"`axis_type` must be one of {sorted(AXIS_TYPES)}, got {axis_type!r}.")
     devices = jax.devices() if devices is None else list(devices)
     if not devices:
         raise ValueError("`devices` must not be empty.")
-    return Mesh(np.asarray(devices), (axis_name,))
+    return Mesh(np.asarray(devices), (axis_name,), axis_types=(AXIS_TYPES[axis_type],))
 
 
 def _check_mesh(mesh) -> None:
@@ -138,3 +160,73 @@ def shard_batch(batch, mesh: Mesh, *, axis_name: str | None = None):
         return jax.make_array_from_process_local_data(sharding, x)
 
     return jax.tree_util.tree_map_with_path(place, batch)
+
+
+def local_rows(x) -> np.ndarray:
+    """This process's rows of an array sharded along axis 0, as numpy: undoes :func:`shard_batch`.
+
+    ``shard_batch`` places process ``p``'s local batch on ``p``'s devices; this returns
+    those rows of a result computed from it (e.g. embeddings ``(B, D)`` of a sharded
+    batch), in the same order, without any cross-host copy.
+
+    Args:
+      x: a ``jax.Array`` whose leading axis is sharded over the mesh (other axes
+        replicated).
+
+    Returns:
+      The rows held by this process's devices, in increasing row order.
+    """
+    if not isinstance(x, jax.Array) or x.ndim == 0:
+        raise ValueError(f"`x` must be a jax.Array with a leading batch axis, got {x!r}.")
+    parts = {}
+    for shard in x.addressable_shards:
+        start = shard.index[0].start or 0
+        parts.setdefault(start, shard)  # a block replicated on several devices counts once
+    return np.concatenate([np.asarray(parts[start].data) for start in sorted(parts)])
+
+
+def _batch_axes(tree):
+    """``(mesh, spec entry)`` of the first leaf sharded along its leading axis over explicit
+    mesh axes, or ``None``."""
+    for leaf in jax.tree.leaves(tree):
+        if not hasattr(leaf, "shape") or not leaf.shape:
+            continue
+        sharding = jax.typeof(leaf).sharding
+        if sharding.spec and sharding.spec[0] is not None:
+            return sharding.mesh, sharding.spec[0]
+    return None
+
+
+def with_auto_axes(fn):
+    """Wraps a per-example function of batch-sharded arrays so it runs on explicit meshes.
+
+    On a mesh with explicit axes, an op must know the sharding of its result, and some
+    per-example code has no rule for it (``nnx.Embed``'s lookup of batch-sharded token
+    ids is a type error). The wrapped function computes ``fn`` with those mesh axes as
+    auto axes (``jax.sharding.auto_axes``: the compiler chooses, as on an auto mesh) and
+    returns every output sharded along its leading axis like the batch. With no
+    explicitly sharded input (auto meshes, one device) it is ``fn`` itself.
+
+    Args:
+      fn: a function of pytrees of arrays whose outputs all have the batch as leading
+        axis (e.g. a model's forward pass on split parameters).
+
+    Returns:
+      The wrapped function, with ``fn``'s signature.
+
+    Example::
+
+      graphdef, params = nnx.split(model)
+      forward = lambda params, x: nnx.merge(graphdef, params)(x)
+      y = with_auto_axes(forward)(params, x)   # x sharded P("data") on an explicit mesh
+    """
+
+    def wrapped(*args):
+        found = _batch_axes(args)
+        if found is None:
+            return fn(*args)
+        mesh, axes = found
+        with jax.sharding.use_abstract_mesh(mesh):
+            return jax.sharding.auto_axes(fn, out_sharding=PartitionSpec(axes))(*args)
+
+    return wrapped
