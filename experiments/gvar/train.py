@@ -26,16 +26,14 @@ measurement, checkpoint/resume, loop, results.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import tqdm
 from flax import nnx
 
 from experiments.gvar import models
@@ -364,7 +362,7 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
         config, workdir, may_differ=RESUMABLE_FIELDS, allow_changes=allow_config_change
     )
     if changes:
-        _say(f"Continuing {workdir} with changed config fields: {', '.join(changes)}.")
+        jt.announce(f"Continuing {workdir} with changed config fields: {', '.join(changes)}.")
     names = estimator_names(config)
     measuring = config.gvar.measure_every > 0
     use_svrg = measuring and "svrg" in names
@@ -437,9 +435,9 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
         if use_svrg:
             svrg_state = gvar.SVRGState(restored["svrg"]["params"], restored["svrg"]["mean_grad"])
             svrg_step = extra["svrg_step"]
-        _say(f"Resumed from step {int(state.step)} of {config.num_steps} ({workdir}).")
+        jt.announce(f"Resumed from step {int(state.step)} of {config.num_steps} ({workdir}).")
     start = int(state.step)
-    _say(
+    jt.announce(
         f"{num_train} training examples, {batches.steps_per_epoch} steps per epoch, "
         f"{config.num_steps} steps, measuring {', '.join(names) or 'nothing'} every "
         f"{config.gvar.measure_every} steps."
@@ -489,7 +487,7 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
     guard = jt.FiniteGuard()  # no diverged state is ever measured or saved
     pending = []
     with (
-        _finish_saves_on_error(ckpt, writer),
+        jt.finish_saves_on_error(ckpt, writer),
         jt.PreemptionSignal(ckpt) as preempted,
         jt.progress_bar(config.num_steps, initial=start, desc="train") as bar,
     ):
@@ -507,7 +505,7 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
             pending.append(metrics)
             if done % config.log_every == 0 or done == config.num_steps:
                 guard.check(state.params)
-                summary = _mean_metrics(pending)
+                summary = jt.mean_metrics(pending)
                 writer.write(done, {**summary, "epoch": done / batches.steps_per_epoch})
                 pending = []
                 bar.set_postfix(loss=f"{summary['loss']:.4f}")
@@ -525,7 +523,7 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
                 writer.close()
                 ckpt.close()
                 _plot(workdir, config)
-                _say(
+                jt.announce(
                     f"Preempted at step {done}: checkpoint saved in {workdir}; run the same "
                     "command again to resume."
                 )
@@ -591,28 +589,3 @@ def _plot(workdir: str, config) -> None:
             os.path.join(workdir, PLOT),
             title=f"{config.data.name}, {config.model.name}, batch {config.batch_size}",
         )
-
-
-@contextlib.contextmanager
-def _finish_saves_on_error(ckpt, writer):
-    """On an error, lets the checkpoints being written commit and closes the metric files."""
-    try:
-        yield
-    except BaseException:
-        writer.close()
-        try:
-            ckpt.close()
-        except jt.CheckpointWriteError:
-            pass  # the error being raised already reports the failed write
-        raise
-
-
-def _say(message: str) -> None:
-    """A status line the user sees at any logging verbosity (process 0, above the bar)."""
-    if jax.process_index() == 0:
-        tqdm.tqdm.write(message)
-
-
-def _mean_metrics(metrics: list[dict[str, Any]]) -> dict[str, float]:
-    stacked = jax.device_get(metrics)
-    return {k: float(np.mean([np.asarray(m[k], np.float64) for m in stacked])) for k in stacked[0]}

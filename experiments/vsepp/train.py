@@ -22,7 +22,6 @@ The same code runs on one device, on several, and on many processes (one per hos
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import zlib
@@ -31,7 +30,6 @@ from typing import Any
 import jax
 import numpy as np
 import optax
-import tqdm
 from flax import nnx
 
 from jaxeff import losses, retrieval
@@ -355,7 +353,7 @@ def make_embed_fn(graphdef, config, mesh=None):
             ["tokens", "lengths"],
         )
         if jax.process_count() > 1:
-            _say(
+            jt.announce(
                 f"Evaluation split over {jax.process_count()} processes: images embedded "
                 f"per process {image_counts.tolist()}, captions {caption_counts.tolist()}."
             )
@@ -410,7 +408,7 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
         )
     )
     if changes:
-        _say(f"Continuing {workdir} with changed config fields: {', '.join(changes)}.")
+        jt.announce(f"Continuing {workdir} with changed config fields: {', '.join(changes)}.")
 
     # Data: each process loads only its slice of every global batch ----------------------
     splits = load_splits(config, workdir)
@@ -458,10 +456,10 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
         # one saved) is every process's.
         data_iter.set_state(extra["data"])
         history, collapsed = extra["dev_history"], extra["collapsed"]
-        _say(f"Resumed from step {int(state.step)} of {num_steps} ({workdir}).")
+        jt.announce(f"Resumed from step {int(state.step)} of {num_steps} ({workdir}).")
     start = int(state.step)
     pairs = retrieval.CAPTIONS_PER_IMAGE * len(train_source)
-    _say(
+    jt.announce(
         f"{pairs} training pairs, {steps_per_epoch} steps per epoch, {num_steps} steps, "
         f"vocabulary {len(vocab)}."
     )
@@ -471,7 +469,7 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
     guard = jt.FiniteGuard()  # no diverged state is ever evaluated or saved
     pending, digest = [], 0
     with (
-        _finish_saves_on_error(ckpt, writer),
+        jt.finish_saves_on_error(ckpt, writer),
         jt.PreemptionSignal(ckpt) as preempted,
         jt.progress_bar(num_steps, initial=start, desc="train") as bar,
     ):
@@ -486,7 +484,7 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
             pending.append(metrics)
             if done % config.log_every == 0 or done == num_steps:
                 guard.check(state.params)
-                summary = _mean_metrics(pending)
+                summary = jt.mean_metrics(pending)
                 summary.update(
                     learning_rate=float(lr_schedule(step)), hard_weight=float(hard_weight(step))
                 )
@@ -515,7 +513,7 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
             if stop:
                 writer.close()
                 ckpt.close()
-                _say(
+                jt.announce(
                     f"Preempted at step {done}: checkpoint saved in {workdir}; run the same "
                     "command again to resume."
                 )
@@ -558,40 +556,14 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
     return results
 
 
-@contextlib.contextmanager
-def _finish_saves_on_error(ckpt, writer):
-    """On an error, lets the checkpoints being written commit and closes the metric files."""
-    try:
-        yield
-    except BaseException:
-        writer.close()
-        try:
-            ckpt.close()
-        except jt.CheckpointWriteError:
-            pass  # the error being raised already reports the failed write
-        raise
-
-
 def _report_collapse(step: int, summary: dict) -> bool:
     """Warns, and returns True, when MH has collapsed the embeddings (all scores equal)."""
     spread = summary["sim_spread"]
     if summary["hard_weight"] == 0 or spread >= losses.COLLAPSE_SPREAD:
         return False
-    _say(
+    jt.announce(
         f"Warning: step {step}: embeddings collapsed: similarity spread {spread:.2g}, loss "
         f"{summary['loss']:.3f} (MH gives 2·B·margin when all similarities are equal). Warm "
         "up with SH first (config.loss.warmup_steps)."
     )
     return True
-
-
-def _say(message: str) -> None:
-    """A status line the user sees at any logging verbosity (process 0, above the bar)."""
-    if jax.process_index() == 0:
-        tqdm.tqdm.write(message)
-
-
-def _mean_metrics(metrics: list[dict]) -> dict[str, float]:
-    """Averages a list of per-step metric dicts."""
-    stacked = jax.device_get(metrics)
-    return {k: float(np.mean([np.asarray(m[k], np.float64) for m in stacked])) for k in stacked[0]}

@@ -18,7 +18,12 @@ An experiment's ``train_and_evaluate`` reads top to bottom (big_vision style) an
   ml_collections configs checked at start-up and bound to their workdir.
 """
 
-from jaxeff.train.checkpoint import Checkpointer, CheckpointWriteError, abstract_like
+from jaxeff.train.checkpoint import (
+    Checkpointer,
+    CheckpointWriteError,
+    abstract_like,
+    finish_saves_on_error,
+)
 from jaxeff.train.config import (
     bind_config_to_workdir,
     check_numbers,
@@ -31,7 +36,14 @@ from jaxeff.train.distributed import (
     initialize_distributed,
     run_in_turn,
 )
-from jaxeff.train.metrics import MetricWriter, progress_bar, read_metrics, to_python_scalars
+from jaxeff.train.metrics import (
+    MetricWriter,
+    announce,
+    mean_metrics,
+    progress_bar,
+    read_metrics,
+    to_python_scalars,
+)
 from jaxeff.train.preemption import PreemptionSignal
 from jaxeff.train.sharding import (
     AXIS_TYPES,
@@ -55,6 +67,9 @@ from jaxeff.train.step import (
 )
 
 __all__ = [
+    "mean_metrics",
+    "finish_saves_on_error",
+    "announce",
     "with_auto_axes",
     "local_rows",
     "run_in_turn",

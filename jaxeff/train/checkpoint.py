@@ -37,7 +37,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint.checkpoint_managers import preservation_policy as policies
 
-__all__ = ["CheckpointWriteError", "Checkpointer", "abstract_like"]
+__all__ = ["CheckpointWriteError", "Checkpointer", "abstract_like", "finish_saves_on_error"]
 
 _MODES = ("max", "min")
 
@@ -337,3 +337,24 @@ def _named_failures(directory):
             "committed before it are intact; free space or fix the directory, then rerun "
             "the same command to resume."
         ) from error
+
+
+@contextlib.contextmanager
+def finish_saves_on_error(ckpt: Checkpointer, writer=None):
+    """On an error, lets the checkpoints being written commit, then re-raises.
+
+    Wrap a training loop in it so that a crash (an exception, KeyboardInterrupt) keeps
+    every checkpoint it had started writing, and closes ``writer`` (e.g. a
+    :class:`jaxeff.train.MetricWriter`). A failed write is reported once, by the error
+    already being raised.
+    """
+    try:
+        yield
+    except BaseException:
+        if writer is not None:
+            writer.close()
+        try:
+            ckpt.close()
+        except CheckpointWriteError:
+            pass
+        raise

@@ -29,7 +29,14 @@ import jax
 import numpy as np
 import tqdm
 
-__all__ = ["MetricWriter", "progress_bar", "read_metrics", "to_python_scalars"]
+__all__ = [
+    "MetricWriter",
+    "announce",
+    "mean_metrics",
+    "progress_bar",
+    "read_metrics",
+    "to_python_scalars",
+]
 
 METRICS_FILENAME = "metrics.jsonl"
 
@@ -195,3 +202,15 @@ def progress_bar(total: int, *, initial: int = 0, desc: str | None = None, **kwa
     kwargs.setdefault("disable", jax.process_index() != 0)
     kwargs.setdefault("dynamic_ncols", True)
     return tqdm.tqdm(total=total, initial=initial, desc=desc, **kwargs)
+
+
+def mean_metrics(metrics: list[Mapping[str, Any]]) -> dict[str, float]:
+    """Averages a list of per-step metric dicts (one device-to-host transfer for all)."""
+    stacked = jax.device_get(metrics)
+    return {k: float(np.mean([np.asarray(m[k], np.float64) for m in stacked])) for k in stacked[0]}
+
+
+def announce(message: str) -> None:
+    """A status line the user sees at any logging verbosity (process 0, above a tqdm bar)."""
+    if jax.process_index() == 0:
+        tqdm.tqdm.write(message)
