@@ -60,6 +60,12 @@ class PerExampleStats:
         ``directions``; ``None`` without directions.
       layer_dots: ``{layer path: (K, B)}``, the same inner products per layer; ``None``
         without directions.
+      factors: ``{layer path: (ā, s)}`` for the fast-path layers named in ``directions``:
+        ``ā_i = (1/T) Σ_t a_{i,t}`` of shape ``(B, d_in)`` and ``s_i = Σ_t δ_{i,t}`` of
+        shape ``(B, d_out)`` (``s_i`` is the bias gradient). ``ā_i s_iᵀ`` is the rank-1
+        matrix the gradient clustering of :mod:`jaxeff.clustering` averages into its
+        centres (exactly ``G_i`` for a Dense layer on ``(B, d)`` inputs). ``None``
+        without directions.
       paths: ``{parameter path: "fast" | "vmap"}`` for every parameter (static).
       reasons: ``{parameter path: why it took the vmap path}`` (static).
     """
@@ -70,6 +76,7 @@ class PerExampleStats:
     sum_sq: nnx.State | None
     dots: jax.Array | None
     layer_dots: dict | None
+    factors: dict | None
     paths: FrozenDict = flax.struct.field(pytree_node=False)
     reasons: FrozenDict = flax.struct.field(pytree_node=False)
 
@@ -203,10 +210,13 @@ def _fast_stats(plans, inputs, deltas, kernel_shapes, directions, opts):
     grad_weights = None
     if opts.with_grads:
         grad_weights = 1.0 / opts.batch_size if opts.weights is None else opts.weights
-    sq, sum_sq, dots, grads = {}, {}, {}, {}
+    sq, sum_sq, dots, grads, factors = {}, {}, {}, {}, {}
     for plan, xs, ds in zip(plans, inputs, deltas, strict=True):
         layer = plan.layer
         a, delta = _positions(layer, xs, ds, opts.batch_size)
+        if layer.path in directions:
+            mean_input = jnp.mean(a, axis=1) if a.shape[1] else jnp.zeros(a.shape[::2], a.dtype)
+            factors[layer.path] = (mean_input, jnp.sum(delta, axis=1))
         stats = layer_stats(
             a,
             delta,
@@ -229,7 +239,7 @@ def _fast_stats(plans, inputs, deltas, kernel_shapes, directions, opts):
             grads[layer.kernel_path] = stats.kernel_grad.reshape(kernel_shape)
             if layer.bias_path is not None:
                 grads[layer.bias_path] = stats.bias_grad
-    return sq, sum_sq, dots, grads
+    return sq, sum_sq, dots, grads, factors
 
 
 # ----------------------------------------------------------------------------- vmap path
@@ -372,7 +382,7 @@ def _one_pass(
     # model's variable updates.
     losses, aux, new_rest, inputs, deltas = capture(graphdef, params, rest, call, batch, fast_plans)
     kernel_shapes = {path: var.get_value().shape for path, var in nnx.to_flat_state(params)}
-    sq, sum_sq, dots, grads = _fast_stats(
+    sq, sum_sq, dots, grads, factors = _fast_stats(
         fast_plans, inputs, deltas, kernel_shapes, directions, opts
     )
     if slow_paths:
@@ -408,6 +418,11 @@ def _one_pass(
         sum_sq=as_state(sum_sq) if with_sum_sq else None,
         dots=functools.reduce(jnp.add, layer_dots.values()) if layer_dots else None,
         layer_dots=layer_dots,
+        factors=(
+            {path: factors[path] for path in direction_paths if path in factors}
+            if direction_paths
+            else None
+        ),
         paths=FrozenDict({p: (FAST if p in fast_params else VMAP) for p in param_paths}),
         reasons=FrozenDict(reasons),
     )

@@ -1,0 +1,200 @@
+r"""Batch-mode gradient clustering: full passes over (a subset of) the data, assign then update.
+
+One pass is one Lloyd iteration of the size-weighted objective: every example is assigned
+with the current centres and sizes (:func:`jaxeff.clustering.assign`), then each centre
+becomes the outer product of its cluster's mean input and mean backprop signal, each size
+the cluster's count, and any cluster below ``min_fraction`` of the examples is re-seeded
+by splitting the cluster of highest distortion (:func:`split_small_clusters`). Faghri,
+Duvenaud, Fleet, Ba, "A Study of Gradient Variance in Deep Learning",
+https://arxiv.org/abs/2007.04532.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxeff.clustering.centres import (
+    ClusterState,
+    assign,
+    cluster_layers,
+    init_from_stats,
+    zero_directions,
+)
+from jaxeff.clustering.sums import (
+    ClusterSums,
+    add_sums,
+    cluster_sums,
+    empty_sums,
+    split_small_clusters,
+)
+from jaxeff.pergrad import per_example_stats
+
+__all__ = ["batch_update", "clustering_pass", "init_clusters"]
+
+
+def _check_fraction(min_fraction) -> None:
+    if not 0.0 <= min_fraction < 1.0:
+        raise ValueError(f"`min_fraction` must lie in [0, 1), got {min_fraction!r}.")
+
+
+def batch_update(state: ClusterState, sums: ClusterSums, *, min_fraction: float) -> ClusterState:
+    r"""The clustering after a pass whose examples gave ``sums``.
+
+    .. math::
+
+       v_k = A_k / n_k, \qquad u_k = S_k / n_k, \qquad N_k = n_k,
+
+    for every cluster with members (an empty one keeps its centre), then clusters below
+    ``min_fraction · Σ_k n_k`` are re-seeded (:func:`split_small_clusters`). Pure, jittable.
+
+    Args:
+      state: the clustering the pass assigned with.
+      sums: the :class:`ClusterSums` of the whole pass (:func:`add_sums` over its batches).
+      min_fraction: the smallest cluster size kept, as a fraction of the examples.
+
+    Returns:
+      The new :class:`ClusterState`, ``count`` incremented.
+    """
+    _check_fraction(min_fraction)
+    has = sums.counts > 0
+    safe = jnp.where(has, sums.counts, 1.0)[:, None]
+    centres = {
+        name: (
+            jnp.where(has[:, None], sums.input_sums[name] / safe, v),
+            jnp.where(has[:, None], sums.signal_sums[name] / safe, u),
+        )
+        for name, (v, u) in state.centres.items()
+    }
+    centres, sizes = split_small_clusters(centres, sums.counts, sums, min_fraction=min_fraction)
+    return ClusterState(centres, sizes, state.count + 1)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "loss_fn", "size_weighted"))
+def _assign_batch(params, rest, batch, mask, state, *, graphdef, loss_fn, size_weighted):
+    model = nnx.merge(graphdef, params, rest)
+    stats = per_example_stats(model, loss_fn, batch, directions=state.centres, with_sum_sq=False)
+    assignments, dist = assign(state, stats, size_weighted=size_weighted)
+    return assignments, cluster_sums(state, stats, assignments, dist, mask=mask)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "loss_fn", "num_clusters", "layers"))
+def _seed(params, rest, batch, key, *, graphdef, loss_fn, num_clusters, layers):
+    model = nnx.merge(graphdef, params, rest)
+    shapes = dict(layers)
+    stats = per_example_stats(
+        model, loss_fn, batch, directions=zero_directions(shapes, 1), with_sum_sq=False
+    )
+    return init_from_stats(stats, num_clusters=num_clusters, key=key, layers=list(shapes))
+
+
+def init_clusters(
+    model: nnx.Module,
+    loss_fn: Callable[[nnx.Module, Any], jax.Array],
+    batch,
+    *,
+    num_clusters: int,
+    key: jax.Array,
+    layers=None,
+) -> ClusterState:
+    """``K`` clusters seeded at ``K`` distinct examples of ``batch`` (see
+    :func:`jaxeff.clustering.init_from_stats`).
+
+    Args:
+      model: an ``nnx.Module``; the clustered layers are its ``nnx.Linear``/``nnx.Conv``
+        layers (all of them, or those named in ``layers``), which must take the fast path
+        of :func:`jaxeff.pergrad.per_example_stats`.
+      loss_fn: ``loss_fn(model, batch) -> (B,)`` per-example losses.
+      batch: pytree of arrays with ``B >= num_clusters`` examples on the leading axis.
+      num_clusters: ``K``.
+      key: PRNG key choosing the seeds.
+      layers: optional layer paths to cluster on.
+
+    Returns:
+      A :class:`ClusterState`.
+
+    Example::
+
+      state = init_clusters(model, loss_fn, first_batch, num_clusters=8, key=jax.random.key(0))
+      for _ in range(3):
+          state, assignments = clustering_pass(model, loss_fn, batches(), state)
+    """
+    shapes = cluster_layers(model, layers)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    return _seed(
+        params,
+        rest,
+        batch,
+        key,
+        graphdef=graphdef,
+        loss_fn=loss_fn,
+        num_clusters=num_clusters,
+        layers=tuple(shapes.items()),
+    )
+
+
+def clustering_pass(
+    model: nnx.Module,
+    loss_fn: Callable[[nnx.Module, Any], jax.Array],
+    batches: Iterable,
+    state: ClusterState,
+    *,
+    min_fraction: float = 0.0,
+    size_weighted: bool = True,
+    mask_key: str = "mask",
+) -> tuple[ClusterState, np.ndarray]:
+    r"""One batch-mode pass: assign every example of ``batches``, then update the centres.
+
+    Each batch is assigned with ``state`` (its per-example statistics computed with
+    ``directions=state.centres``, jit-compiled, no per-example gradient formed), its
+    :class:`ClusterSums` are added up, and :func:`batch_update` makes the new state. The
+    batches may be sharded over devices; the sums are the same numbers.
+
+    Args:
+      model: the ``nnx.Module`` at the parameters to cluster the gradients of.
+      loss_fn: ``loss_fn(model, batch) -> (B,)`` per-example losses.
+      batches: an iterable of batches (pytrees of arrays with a leading example axis; the
+        last may be smaller, or padded and marked with a boolean ``batch[mask_key]``).
+      state: the current :class:`ClusterState`.
+      min_fraction: clusters with fewer than this fraction of the examples are re-seeded.
+      size_weighted: assign by ``argmin_k (N_k + 1) d_{ik}`` (``False``: ``argmin_k d_{ik}``).
+      mask_key: the key of an optional ``(B,)`` bool mask in dict batches (left in the
+        batch, so ``loss_fn`` may ignore it).
+
+    Returns:
+      ``(new_state, assignments)``: ``assignments`` the host ``(M,)`` int32 cluster of
+      every example of the pass (masked rows left out), in the order of ``batches``, as
+      assigned with ``state``: the clusters the new centres average.
+    """
+    _check_fraction(min_fraction)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    total, parts = empty_sums(state), []
+    for batch in batches:
+        mask = batch.get(mask_key) if isinstance(batch, dict) else None
+        assignments, sums = _assign_batch(
+            params,
+            rest,
+            batch,
+            mask,
+            state,
+            graphdef=graphdef,
+            loss_fn=loss_fn,
+            size_weighted=size_weighted,
+        )
+        total = _add_sums_jit(total, sums)
+        assignments = np.asarray(jax.device_get(assignments))
+        parts.append(assignments if mask is None else assignments[np.asarray(mask, bool)])
+    if not parts:
+        raise ValueError("`batches` is empty; a pass needs at least one batch.")
+    new_state = _batch_update_jit(state, total, min_fraction=min_fraction)
+    return new_state, np.concatenate(parts).astype(np.int32)
+
+
+_batch_update_jit = jax.jit(batch_update, static_argnames=("min_fraction",))
+_add_sums_jit = jax.jit(add_sums)

@@ -1,0 +1,92 @@
+r"""Online gradient clustering: moving averages of sizes and centres, one batch at a time.
+
+Each training batch is assigned with the current centres (the statistics the training
+step computes anyway, with ``directions=state.centres``), and with decay ``β``:
+
+.. math::
+
+   N_k' = \beta N_k + (1-\beta)\, n_k, \qquad
+   v_k' = \frac{\beta N_k v_k + (1-\beta) A_k}{\beta N_k + (1-\beta) n_k}, \qquad
+   u_k' = \frac{\beta N_k u_k + (1-\beta) S_k}{\beta N_k + (1-\beta) n_k},
+
+the size-weighted blend of the old centre and the batch's members (``n_k``, ``A_k``,
+``S_k`` from :func:`jaxeff.clustering.cluster_sums`; sizes count examples per batch).
+Every ``reinit_every`` updates, clusters below ``min_fraction`` of the total size are
+re-seeded at the farthest member of the batch's highest-distortion cluster
+(:func:`jaxeff.clustering.split_small_clusters`). Faghri, Duvenaud, Fleet, Ba, "A Study of
+Gradient Variance in Deep Learning", https://arxiv.org/abs/2007.04532.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxeff.clustering.centres import ClusterState, assign
+from jaxeff.clustering.sums import cluster_sums, split_small_clusters
+
+__all__ = ["check_online_options", "online_update"]
+
+
+def check_online_options(*, decay, min_fraction, reinit_every) -> None:
+    """The checks of :func:`online_update`'s options, naming the argument."""
+    if not 0.0 <= decay < 1.0:
+        raise ValueError(f"`decay` must lie in [0, 1), got {decay!r}.")
+    if not 0.0 <= min_fraction < 1.0:
+        raise ValueError(f"`min_fraction` must lie in [0, 1), got {min_fraction!r}.")
+    if isinstance(reinit_every, bool) or not isinstance(reinit_every, int) or reinit_every < 0:
+        raise ValueError(f"`reinit_every` must be a non-negative integer, got {reinit_every!r}.")
+
+
+def online_update(
+    state: ClusterState,
+    stats,
+    *,
+    decay: float = 0.9,
+    min_fraction: float = 0.0,
+    reinit_every: int = 0,
+    size_weighted: bool = True,
+    mask=None,
+) -> tuple[ClusterState, jax.Array]:
+    """One online update from a batch's per-example statistics (module docstring).
+
+    Args:
+      state: the current :class:`ClusterState`.
+      stats: :class:`jaxeff.pergrad.PerExampleStats` of the batch, computed with
+        ``directions=state.centres``.
+      decay: ``β`` in ``[0, 1)``; 0 replaces each centre by its batch members' mean.
+      min_fraction: clusters smaller than this fraction of ``Σ_k N_k`` are re-seeded ...
+      reinit_every: ... every this many updates (0: never).
+      size_weighted: assign by ``argmin_k (N_k + 1) d_{ik}`` (``False``: nearest centre).
+      mask: optional ``(B,)`` bool, false for rows that are not real examples.
+
+    Returns:
+      ``(new_state, assignments)``, ``assignments`` the ``(B,)`` clusters of the batch
+      under ``state`` (the ones its sums were added to).
+    """
+    check_online_options(decay=decay, min_fraction=min_fraction, reinit_every=reinit_every)
+    assignments, dist = assign(state, stats, size_weighted=size_weighted)
+    sums = cluster_sums(state, stats, assignments, dist, mask=mask)
+    old = decay * state.sizes
+    new = (1.0 - decay) * sums.counts
+    total = old + new
+    positive = total > 0
+    safe = jnp.where(positive, total, 1.0)[:, None]
+
+    def blend(centre, batch_sum):
+        mixed = (old[:, None] * centre + (1.0 - decay) * batch_sum) / safe
+        return jnp.where(positive[:, None], mixed, centre)
+
+    centres = {
+        name: (blend(v, sums.input_sums[name]), blend(u, sums.signal_sums[name]))
+        for name, (v, u) in state.centres.items()
+    }
+    count = state.count + 1
+    if reinit_every:
+        split_centres, split_sizes = split_small_clusters(
+            centres, total, sums, min_fraction=min_fraction
+        )
+        due = count % reinit_every == 0
+        centres = jax.tree.map(lambda a, b: jnp.where(due, a, b), split_centres, centres)
+        total = jnp.where(due, split_sizes, total)
+    return ClusterState(centres, total, count), assignments
