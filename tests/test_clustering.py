@@ -145,15 +145,26 @@ def test_factors_are_mean_input_and_summed_signal(kind):
         np.testing.assert_allclose(factors["conv"][0], want, atol=1e-6)
 
 
+def sequential_reference(dist, sizes, counts=None, seen=0.0):
+    """Loop: example i joins argmin_k (c_k + N_k max(0, 1 - seen/ΣN) + 1) d_ik."""
+    counts = np.zeros(len(sizes)) if counts is None else counts
+    out = []
+    for row in dist:
+        estimate = counts + sizes * max(0.0, 1.0 - seen / max(sizes.sum(), 1.0))
+        k = int(np.argmin((estimate + 1.0) * row))
+        counts[k] += 1
+        seen += 1
+        out.append(k)
+    return out
+
+
 def test_assignment_is_size_weighted_argmin():
     model = MLP(nnx.Rngs(0))
     batch = mlp_data(40)
     state = random_state(model, 5, sizes=[1.0, 30.0, 2.0, 8.0, 0.0])
     got, dist = clustering.assign(state, stats_for(model, batch, state))
-    dist = np.asarray(dist)
-    sizes = np.asarray(state.sizes)
-    want = [min(range(5), key=lambda k, i=i: (sizes[k] + 1) * dist[i, k]) for i in range(40)]
-    np.testing.assert_array_equal(got, want)
+    dist = np.asarray(dist, np.float64)
+    np.testing.assert_array_equal(got, sequential_reference(dist, np.asarray(state.sizes)))
     plain, _ = clustering.assign(state, stats_for(model, batch, state), size_weighted=False)
     np.testing.assert_array_equal(plain, dist.argmin(1))
     assert not np.array_equal(plain, got)  # the weighting changes the assignment here
@@ -243,8 +254,10 @@ def test_small_cluster_is_reseeded_at_farthest_member_of_highest_distortion_clus
     stats = stats_for(model, data, state)
     assignments, dist = clustering.assign(state, stats)
     sums = clustering.cluster_sums(state, stats, assignments, dist)
-    counts = np.asarray(sums.counts)  # [0, 4, 19, 17]: two small clusters, two to split
-    threshold = 0.15
+    counts = np.asarray(sums.counts)
+    ordered = np.sort(counts)
+    assert ordered[2] > ordered[1] and ordered[2] >= 2  # two small clusters, two to split
+    threshold = (ordered[1] + ordered[2]) / 2 / counts.sum()
     new = clustering.batch_update(state, sums, min_fraction=threshold)
     small = np.flatnonzero(counts < threshold * counts.sum())
     assert small.size == 2
@@ -417,7 +430,8 @@ def test_add_sums_of_parts_equals_sums_of_whole_batch():
 
     def sums_of(batch):
         stats = stats_for(model, batch, state)
-        return clustering.cluster_sums(state, stats, *clustering.assign(state, stats))
+        assignments, dist = clustering.assign(state, stats, size_weighted=False)
+        return clustering.cluster_sums(state, stats, assignments, dist)
 
     whole = sums_of(data)
     total = clustering.empty_sums(state)
@@ -426,3 +440,24 @@ def test_add_sums_of_parts_equals_sums_of_whole_batch():
             total, sums_of(jax.tree.map(lambda x, s=start: x[s : s + 10], data))
         )
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), total, whole)
+
+
+def test_sequential_assignment_balances_where_all_at_once_would_not():
+    """Every example nearest to cluster 0: all at once they would all join it; one after
+    another cluster 0 stops attracting once it fills, and a pass in two batches carries
+    the counts over (the same assignments as one batch)."""
+    rng = np.random.default_rng(0)
+    dist = 1.0 + 0.1 * rng.random((60, 3))
+    dist[:, 0] = 0.5
+    sizes = np.array([20.0, 20.0, 20.0])
+    got, so_far = clustering.size_weighted_argmin(jnp.asarray(dist), jnp.asarray(sizes))
+    want = sequential_reference(dist, sizes)
+    np.testing.assert_array_equal(got, want)
+    counts = np.bincount(want, minlength=3)
+    assert counts.max() < 40 and counts[0] > counts[1:].max()
+    np.testing.assert_array_equal(so_far.counts, counts)
+    first, carried = clustering.size_weighted_argmin(jnp.asarray(dist[:25]), jnp.asarray(sizes))
+    second, _ = clustering.size_weighted_argmin(
+        jnp.asarray(dist[25:]), jnp.asarray(sizes), so_far=carried
+    )
+    np.testing.assert_array_equal(np.concatenate([first, second]), want)

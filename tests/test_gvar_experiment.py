@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from test_data_classification import write_tiny_image_dataset
 
-from experiments.gvar import train
+from experiments.gvar import compare, train
 from experiments.gvar.configs import cifar10, default, digits_duplicates, linreg, mnist
 from jaxeff import gvar
 from jaxeff import train as jt
@@ -84,9 +84,10 @@ def test_digits_run_writes_records_events_and_plot(digits_run):
     assert records == results["records"]
     table = by_step(records)
     assert sorted(table) == [0, 10, 20, 30, 40]
-    assert set(table[0]) == {"sgd", "sgd_2b", "exact_sgd"}  # no SVRG before its snapshot
+    measured = {"sgd", "sgd_2b", "gc", "importance", "exact_sgd"}
+    assert set(table[0]) == measured  # no SVRG before its snapshot
     for step in (10, 20, 30, 40):
-        assert set(table[step]) == {"sgd", "sgd_2b", "svrg", "exact_sgd"}
+        assert set(table[step]) == measured | {"svrg"}
     for r in records:
         for name in gvar.STATISTICS:
             assert np.isfinite(r[name]), (r["step"], r["estimator"], name)
@@ -96,6 +97,10 @@ def test_digits_run_writes_records_events_and_plot(digits_run):
     ratios = [row["sgd_2b"]["variance"] / row["sgd"]["variance"] for row in table.values()]
     assert all(r < 0.85 for r in ratios), ratios
     assert 0.3 < np.mean(ratios) < 0.7, ratios
+    # Gradient clustering reduces SGD's variance at the same batch. (Importance sampling's
+    # measured variance is heavy-tailed, its weights 1/(N b p_i); 12 draws do not settle it.)
+    ratios = [row["gc"]["variance"] / row["sgd"]["variance"] for row in table.values()]
+    assert np.mean(ratios) < 0.9, ratios
     # 12 draws around an estimated mean: SGD's measured variance is near its exact value.
     for row in table.values():
         assert 0.4 < row["sgd"]["variance"] / row["exact_sgd"]["variance"] < 2.5
@@ -210,3 +215,49 @@ def test_workdir_of_another_config_is_refused(digits_run):
     workdir, _ = digits_run
     with pytest.raises(ValueError, match="learning_rate"):
         train.train_and_evaluate(tiny_digits(learning_rate=0.3), workdir)
+
+
+def tiny_gc_training(**fields):
+    defaults = dict(
+        sampler="gc",
+        gc__recluster_every=7,
+        gc__num_passes=1,
+        gvar__measure_every=0,
+        num_steps=20,
+        checkpoint_every=10,
+    )
+    return tiny_digits(**{**defaults, **fields})
+
+
+GC_COMPARISON = dict(gvar__measure_every=10, gvar__estimators="", gvar__exact=False)
+
+
+@pytest.fixture(scope="module")
+def sampler_comparison(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("gvar_compare")
+    return workdir, compare.compare_samplers(tiny_gc_training(**GC_COMPARISON), str(workdir))
+
+
+def test_sampler_comparison_trains_both_at_equal_examples_seen(sampler_comparison):
+    workdir, curves = sampler_comparison
+    assert set(curves) == {"uniform", "gc"}
+    for rows in curves.values():
+        assert [r["examples"] for r in rows] == [0, 160, 320]
+        assert rows[-1]["train_loss"] < rows[0]["train_loss"]
+        assert rows[-1]["train_accuracy"] > 0.2
+    assert curves["gc"][0]["train_loss"] == curves["uniform"][0]["train_loss"]  # same init
+    assert curves["gc"][-1]["train_loss"] != curves["uniform"][-1]["train_loss"]
+    with open(workdir / compare.PLOT, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert json.load(open(workdir / compare.RESULTS)) == curves
+
+
+def test_gc_sampler_resumes_exactly(sampler_comparison, tmp_path):
+    """A GC-sampled run stopped at step 10 (between the clusterings at 7 and 14) resumes to
+    the uninterrupted run's numbers exactly: the sampler's assignments and the centres are
+    checkpointed."""
+    _, curves = sampler_comparison
+    train.train_and_evaluate(tiny_gc_training(**GC_COMPARISON, num_steps=10), str(tmp_path))
+    resumed = train.train_and_evaluate(tiny_gc_training(**GC_COMPARISON), str(tmp_path))
+    whole = {k: v for k, v in curves["gc"][-1].items() if k.startswith(("train_", "test_"))}
+    assert resumed["final"] == whole

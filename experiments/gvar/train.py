@@ -17,8 +17,21 @@ Estimators (names in the records):
   any measurement at that step, so a measurement at step ``t`` uses the snapshot of the
   last multiple of ``svrg_snapshot_every`` before ``t`` (no SVRG record at step 0). At
   the snapshot itself SVRG's variance would be exactly 0;
+* ``gc``: gradient clustering: the training set clustered by gradient at the measured
+  parameters (``gc.num_clusters`` clusters, ``gc.num_passes`` batch-mode passes,
+  :func:`jaxeff.clustering.gc_estimator`), then stratified batches of ``batch_size``
+  weighted ``N_k/(N n_k)``;
+* ``importance``: ``batch_size`` draws with probability proportional to each example's
+  gradient norm (or loss, ``gvar.importance_score``) at the measured parameters, weighted
+  ``1/(N b p_i)`` (:func:`jaxeff.clustering.importance_estimator`);
 * ``exact_sgd`` (``gvar.exact``): SGD-``batch_size``'s exact statistics from the
   per-example sums of squares over the whole training set (:func:`jaxeff.gvar.exact_variance`).
+
+Training batches (``sampler``): ``"uniform"`` walks seeded epochs; ``"gc"`` draws them
+stratified over gradient clusters (:class:`jaxeff.clustering.StratifiedSampler`, weights
+``N_k/(N n_k)`` in the loss), re-clustering the training set every ``gc.recluster_every``
+steps from the previous centres. Both see ``batch_size`` examples per step, so their loss
+curves compare at equal numbers of examples seen.
 
 The loop reads top to bottom: config, data, model and optimizer, sharding, update step,
 measurement, checkpoint/resume, loop, results.
@@ -26,10 +39,12 @@ measurement, checkpoint/resume, loop, results.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from typing import NamedTuple
 
+import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -37,12 +52,16 @@ import optax
 from flax import nnx
 
 from experiments.gvar import models
-from jaxeff import gvar
+from jaxeff import clustering, gvar
 from jaxeff import train as jt
 from jaxeff.data import classification, digits, mnist_cifar
 
 #: Estimators a run can measure (``config.gvar.estimators``).
-ESTIMATORS = ("sgd", "sgd_2b", "svrg")
+ESTIMATORS = ("sgd", "sgd_2b", "svrg", "gc", "importance")
+#: How training batches are drawn (``config.sampler``).
+SAMPLERS = ("uniform", "gc")
+#: Estimators whose state does not depend on the parameters.
+STATELESS = ("sgd", "sgd_2b")
 #: The record name of SGD's exact statistics.
 EXACT = "exact_sgd"
 #: File names in the workdir.
@@ -86,6 +105,7 @@ def validate_config(config) -> None:
             "checkpoint_every",
             "gvar.num_draws",
             "gvar.chunk_size",
+            "gc.num_clusters",
         ],
         non_negative=[
             "seed",
@@ -95,8 +115,12 @@ def validate_config(config) -> None:
             "data.duplicate_copies",
             "gvar.measure_every",
             "gvar.seed",
+            "gvar.importance_smoothing",
+            "gc.num_passes",
+            "gc.min_fraction",
+            "gc.seed",
         ],
-        fraction=["data.test_fraction"],
+        fraction=["data.test_fraction", "gvar.importance_smoothing"],
     )
     for field in ("batch_size", "num_steps", "num_draws", "measure_every"):
         node = config.gvar if field in ("num_draws", "measure_every") else config
@@ -142,6 +166,25 @@ def validate_config(config) -> None:
     names = estimator_names(config)
     if "svrg" in names:
         jt.check_numbers(config, positive=["gvar.svrg_snapshot_every"])
+    if config.sampler not in SAMPLERS:
+        raise ValueError(f"config.sampler must be one of {SAMPLERS}, got {config.sampler!r}.")
+    if config.sampler == "gc":
+        jt.check_numbers(config, positive=["gc.recluster_every"])
+    if "gc" in names or config.sampler == "gc":
+        if not config.gc.min_fraction < 1:
+            raise ValueError(
+                f"config.gc.min_fraction must be below 1, got {config.gc.min_fraction!r}."
+            )
+        if config.gc.allocation not in ("equal", "proportional"):
+            raise ValueError(
+                "config.gc.allocation must be 'equal' or 'proportional', got "
+                f"{config.gc.allocation!r}."
+            )
+    if "importance" in names and config.gvar.importance_score not in ("grad_norm", "loss"):
+        raise ValueError(
+            "config.gvar.importance_score must be 'grad_norm' or 'loss', got "
+            f"{config.gvar.importance_score!r}."
+        )
     if jax.process_count() > 1 and config.batch_size % jax.device_count():
         raise ValueError(
             f"config.batch_size ({config.batch_size}) must be divisible by the "
@@ -262,20 +305,24 @@ def build_model(config, data: Data, seed: int) -> nnx.Module:
     return models.CNN(shape, tuple(m.features), m.dense, data.num_classes, rngs=rngs)
 
 
-def make_example_loss(config):
-    """``loss(model, batch) -> (B,)``: squared error / 2 or softmax cross-entropy."""
-    if config.data.name == "linreg":
+@functools.cache
+def _example_losses():
+    """One function object per loss, so every jitted pass that takes it compiles once."""
 
-        def squared_error(model, batch):
-            return 0.5 * jnp.square(model(batch["x"]) - batch["y"])
-
-        return squared_error
+    def squared_error(model, batch):
+        return 0.5 * jnp.square(model(batch["x"]) - batch["y"])
 
     def cross_entropy(model, batch):
         logits = model(batch["image"])
         return optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
 
-    return cross_entropy
+    return squared_error, cross_entropy
+
+
+def make_example_loss(config):
+    """``loss(model, batch) -> (B,)``: squared error / 2 or softmax cross-entropy."""
+    squared_error, cross_entropy = _example_losses()
+    return squared_error if config.data.name == "linreg" else cross_entropy
 
 
 def make_eval_fn(graphdef, example_loss, classification_task: bool, chunk_size: int):
@@ -308,13 +355,37 @@ def make_eval_fn(graphdef, example_loss, classification_task: bool, chunk_size: 
 # ----------------------------------------------------------------------------------------
 # Measurement.
 # ----------------------------------------------------------------------------------------
-def make_estimators(config, loss_fn) -> dict[str, gvar.GradientEstimator]:
+def make_estimators(config, loss_fn, model) -> dict[str, gvar.GradientEstimator]:
+    """The estimators of ``config.gvar.estimators``; ``loss_fn(params, batch)`` the
+    per-example loss at parameters ``params`` of ``model`` (whose graph GC and importance
+    sampling read per-example statistics from)."""
     b, g = config.batch_size, config.gvar
+    example_loss = make_example_loss(config)
     factories = {
         "sgd": lambda: gvar.sgd_estimator(loss_fn, batch_size=b, replace=g.replace),
         "sgd_2b": lambda: gvar.sgd_estimator(loss_fn, batch_size=2 * b, replace=g.replace),
         "svrg": lambda: gvar.svrg_estimator(
             loss_fn, batch_size=b, replace=g.replace, chunk_size=g.chunk_size
+        ),
+        "gc": lambda: clustering.gc_estimator(
+            model,
+            example_loss,
+            batch_size=b,
+            num_clusters=config.gc.num_clusters,
+            num_passes=config.gc.num_passes,
+            min_fraction=config.gc.min_fraction,
+            allocation=config.gc.allocation,
+            replace=g.replace,
+            chunk_size=g.chunk_size,
+            seed=config.gc.seed,
+        ),
+        "importance": lambda: clustering.importance_estimator(
+            model,
+            example_loss,
+            batch_size=b,
+            score=g.importance_score,
+            smoothing=g.importance_smoothing,
+            chunk_size=g.chunk_size,
         ),
     }
     return {name: factories[name]() for name in estimator_names(config)}
@@ -384,8 +455,8 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
     example_loss = make_example_loss(config)
 
     def train_loss(model, batch, hparams):
-        del hparams
-        return jnp.mean(example_loss(model, batch)), {}
+        del hparams  # per-example losses: the step weights them by batch["weights"] or 1/B
+        return example_loss(model, batch), {}
 
     # Sharding: parameters replicated, batch split along the data axis --------------------
     mesh = jt.make_mesh(devices=_mesh_devices(config.batch_size))
@@ -404,10 +475,12 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
     def params_loss(params, batch):
         return example_loss(nnx.merge(graphdef, params, model_state), batch)
 
-    estimators = make_estimators(config, params_loss)
-    stateless = {
-        name: est.init(None, data.train) for name, est in estimators.items() if name != "svrg"
-    }
+    estimators = make_estimators(
+        config, params_loss, nnx.merge(graphdef, _local_copy(state.params, device), model_state)
+    )
+    # SGD's states are fixed; SVRG's is a snapshot; GC and importance sampling are set up
+    # at each measured point (clusters / scores at those parameters).
+    stateless = {n: est.init(None, data.train) for n, est in estimators.items() if n in STATELESS}
     svrg_init = jax.jit(estimators["svrg"].init) if use_svrg else None
     measure_key = jax.random.key(config.gvar.seed)
     evaluate = make_eval_fn(graphdef, example_loss, classification_task, config.gvar.chunk_size)
@@ -415,26 +488,74 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
     def measurement_params(state):
         return _local_copy(state.params, device)
 
+    # Training batches: seeded epochs, or stratified over gradient clusters ---------------
+    use_gc_sampler = config.sampler == "gc"
+    sampler = gc_clusters = None
+    if use_gc_sampler:
+        sampler = clustering.StratifiedSampler(
+            num_train,
+            batch_size=config.batch_size,
+            num_clusters=config.gc.num_clusters,
+            seed=config.seed,
+            allocation=config.gc.allocation,
+            shard_options=grain.sharding.ShardOptions(jax.process_index(), jax.process_count()),
+        )
+
+    def recluster(state, gc_clusters):
+        """Clusters the training set at ``state``'s parameters, from the previous centres."""
+        model_here = nnx.merge(graphdef, measurement_params(state), model_state)
+        return clustering.cluster_examples(
+            model_here,
+            example_loss,
+            train_on_device,
+            num_clusters=config.gc.num_clusters,
+            key=jax.random.key(config.gc.seed),
+            num_passes=config.gc.num_passes,
+            min_fraction=config.gc.min_fraction,
+            chunk_size=config.gvar.chunk_size,
+            state=gc_clusters,
+        )
+
+    def local_batch(step: int) -> dict[str, np.ndarray]:
+        if not use_gc_sampler:
+            return batches.local_batch(data.train, step)
+        sample = sampler.batch(step)
+        batch = {k: v[sample.indices] for k, v in data.train.items()}
+        batch["weights"] = sample.weights
+        return batch
+
     # Checkpoint: resume from the latest (train state + SVRG snapshot) --------------------
     ckpt = jt.Checkpointer(os.path.join(workdir, "checkpoints"))
     svrg_state, svrg_step = None, None
 
-    def checkpoint_tree(state, svrg_state):
-        if not use_svrg:
-            return {"train": state}
-        return {
-            "train": state,
-            "svrg": {"params": svrg_state.params, "mean_grad": svrg_state.mean_grad},
-        }
+    def checkpoint_tree(state, svrg_state, gc_clusters):
+        tree = {"train": state}
+        if use_svrg:
+            tree["svrg"] = {"params": svrg_state.params, "mean_grad": svrg_state.mean_grad}
+        if use_gc_sampler:  # the data order depends on the clusters: save both
+            tree["sampler"] = sampler.get_state()
+            tree["clusters"] = gc_clusters
+        return tree
 
     if ckpt.latest_step is not None:
         params_here = measurement_params(state)
-        target = checkpoint_tree(state, gvar.SVRGState(params_here, params_here))
+        empty_clusters = None
+        if use_gc_sampler:
+            shapes = clustering.cluster_layers(model)
+            empty_clusters = clustering.ClusterState(
+                clustering.zero_directions(shapes, config.gc.num_clusters),
+                jnp.zeros((config.gc.num_clusters,), jnp.float32),
+                jnp.zeros((), jnp.int32),
+            )
+        target = checkpoint_tree(state, gvar.SVRGState(params_here, params_here), empty_clusters)
         restored, extra = ckpt.restore(target)
         state = restored["train"]
         if use_svrg:
             svrg_state = gvar.SVRGState(restored["svrg"]["params"], restored["svrg"]["mean_grad"])
             svrg_step = extra["svrg_step"]
+        if use_gc_sampler:
+            sampler.set_state(restored["sampler"])
+            gc_clusters = restored["clusters"]
         jt.announce(f"Resumed from step {int(state.step)} of {config.num_steps} ({workdir}).")
     start = int(state.step)
     jt.announce(
@@ -451,6 +572,8 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
         params = measurement_params(state)
         states = dict(stateless)
         active = {n: e for n, e in estimators.items() if n != "svrg"}
+        for name in set(active) - set(STATELESS):  # GC, importance: set up at these params
+            states[name] = estimators[name].init(params, train_on_device)
         if use_svrg and svrg_state is not None and svrg_step < step:
             active["svrg"], states["svrg"] = estimators["svrg"], svrg_state
         key = jax.random.fold_in(measure_key, step)
@@ -498,7 +621,10 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
             if use_svrg and step % config.gvar.svrg_snapshot_every == 0:
                 svrg_state = svrg_init(measurement_params(state), train_on_device)
                 svrg_step = step
-            batch = jt.shard_batch(batches.local_batch(data.train, step), mesh)
+            if use_gc_sampler and step % config.gc.recluster_every == 0:
+                gc_clusters, assignments = recluster(state, gc_clusters)
+                sampler.update(assignments)
+            batch = jt.shard_batch(local_batch(step), mesh)
             state, metrics = train_step(state, batch)
             done = step + 1
             guard.update(done, metrics)
@@ -514,7 +640,7 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
                 guard.check(state.params)
                 ckpt.save(
                     done,
-                    checkpoint_tree(state, svrg_state),
+                    checkpoint_tree(state, svrg_state, gc_clusters),
                     extra={"svrg_step": svrg_step},
                 )
             ckpt.check_for_errors()  # a failed background save stops the run here

@@ -15,19 +15,47 @@ formed), and mini-batches drawn stratified over the clusters with weights
   transformation riding along a training step, :func:`gradient_clustering`.
 * Per-cluster sums (:mod:`~jaxeff.clustering.sums`): :class:`ClusterSums`,
   :func:`cluster_sums`, :func:`add_sums`, :func:`split_small_clusters`.
+* Sampling in JAX (:mod:`~jaxeff.clustering.sampling`): :func:`stratified_sample` with
+  weights ``N_k/(N n_k)`` and its exact :func:`stratified_variance`;
+  :func:`importance_sample` with weights ``1/(N b p_i)``.
+* Samplers for input pipelines (:mod:`~jaxeff.clustering.samplers`, grain's ``Sampler``
+  protocol, checkpointable state): :class:`StratifiedSampler`, :class:`ImportanceSampler`,
+  :func:`weighted_batches`.
+* Variance-suite estimators (:mod:`~jaxeff.clustering.estimators`): :func:`gc_estimator`,
+  :func:`importance_estimator`, :func:`cluster_examples`.
 """
 
 from jaxeff.clustering.batch_mode import batch_update, clustering_pass, init_clusters
 from jaxeff.clustering.centres import (
+    AssignmentCounts,
     ClusterState,
     assign,
     cluster_layers,
     distances,
     init_from_stats,
     layer_name,
+    size_weighted_argmin,
     zero_directions,
 )
+from jaxeff.clustering.estimators import (
+    GCEstimatorState,
+    cluster_examples,
+    example_scores,
+    gc_estimator,
+    importance_estimator,
+)
 from jaxeff.clustering.online import online_update
+from jaxeff.clustering.samplers import ImportanceSampler, StratifiedSampler, weighted_batches
+from jaxeff.clustering.sampling import (
+    ALLOCATIONS,
+    importance_probabilities,
+    importance_sample,
+    importance_variance,
+    slots_per_cluster,
+    stratified_sample,
+    stratified_variance,
+    stratified_weights,
+)
 from jaxeff.clustering.sums import (
     ClusterSums,
     add_sums,
@@ -38,22 +66,40 @@ from jaxeff.clustering.sums import (
 from jaxeff.clustering.transform import GradientClusteringState, gradient_clustering
 
 __all__ = [
+    "AssignmentCounts",
+    "ALLOCATIONS",
     "ClusterState",
     "ClusterSums",
+    "GCEstimatorState",
     "GradientClusteringState",
+    "ImportanceSampler",
+    "StratifiedSampler",
     "add_sums",
     "assign",
     "batch_update",
+    "cluster_examples",
     "cluster_layers",
     "cluster_sums",
     "clustering_pass",
     "distances",
     "empty_sums",
+    "example_scores",
+    "gc_estimator",
     "gradient_clustering",
+    "importance_estimator",
+    "importance_probabilities",
+    "importance_sample",
+    "importance_variance",
     "init_clusters",
     "init_from_stats",
     "layer_name",
     "online_update",
+    "slots_per_cluster",
+    "size_weighted_argmin",
     "split_small_clusters",
+    "stratified_sample",
+    "stratified_variance",
+    "stratified_weights",
+    "weighted_batches",
     "zero_directions",
 ]

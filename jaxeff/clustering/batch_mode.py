@@ -21,10 +21,12 @@ import numpy as np
 from flax import nnx
 
 from jaxeff.clustering.centres import (
+    AssignmentCounts,
     ClusterState,
-    assign,
     cluster_layers,
+    distances,
     init_from_stats,
+    size_weighted_argmin,
     zero_directions,
 )
 from jaxeff.clustering.sums import (
@@ -77,11 +79,15 @@ def batch_update(state: ClusterState, sums: ClusterSums, *, min_fraction: float)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "loss_fn", "size_weighted"))
-def _assign_batch(params, rest, batch, mask, state, *, graphdef, loss_fn, size_weighted):
+def _assign_batch(params, rest, batch, mask, state, so_far, *, graphdef, loss_fn, size_weighted):
     model = nnx.merge(graphdef, params, rest)
     stats = per_example_stats(model, loss_fn, batch, directions=state.centres, with_sum_sq=False)
-    assignments, dist = assign(state, stats, size_weighted=size_weighted)
-    return assignments, cluster_sums(state, stats, assignments, dist, mask=mask)
+    dist = distances(state, stats)
+    if size_weighted:
+        assignments, so_far = size_weighted_argmin(dist, state.sizes, mask=mask, so_far=so_far)
+    else:
+        assignments = jnp.argmin(dist, axis=1).astype(jnp.int32)
+    return assignments, cluster_sums(state, stats, assignments, dist, mask=mask), so_far
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "loss_fn", "num_clusters", "layers"))
@@ -151,7 +157,9 @@ def clustering_pass(
 ) -> tuple[ClusterState, np.ndarray]:
     r"""One batch-mode pass: assign every example of ``batches``, then update the centres.
 
-    Each batch is assigned with ``state`` (its per-example statistics computed with
+    The examples are assigned one after another in the order of ``batches``, with the
+    running size estimates of :func:`jaxeff.clustering.size_weighted_argmin` carried from
+    batch to batch. Each batch is assigned with ``state`` (its per-example statistics computed with
     ``directions=state.centres``, jit-compiled, no per-example gradient formed), its
     :class:`ClusterSums` are added up, and :func:`batch_update` makes the new state. The
     batches may be sharded over devices; the sums are the same numbers.
@@ -175,14 +183,17 @@ def clustering_pass(
     _check_fraction(min_fraction)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     total, parts = empty_sums(state), []
+    k = state.sizes.shape[0]
+    so_far = AssignmentCounts(jnp.zeros((k,), jnp.float32), jnp.zeros((), jnp.float32))
     for batch in batches:
         mask = batch.get(mask_key) if isinstance(batch, dict) else None
-        assignments, sums = _assign_batch(
+        assignments, sums, so_far = _assign_batch(
             params,
             rest,
             batch,
             mask,
             state,
+            so_far,
             graphdef=graphdef,
             loss_fn=loss_fn,
             size_weighted=size_weighted,

@@ -65,7 +65,7 @@ def online_update(
       under ``state`` (the ones its sums were added to).
     """
     check_online_options(decay=decay, min_fraction=min_fraction, reinit_every=reinit_every)
-    assignments, dist = assign(state, stats, size_weighted=size_weighted)
+    assignments, dist = assign(state, stats, size_weighted=size_weighted, mask=mask)
     sums = cluster_sums(state, stats, assignments, dist, mask=mask)
     old = decay * state.sizes
     new = (1.0 - decay) * sums.counts

@@ -1,4 +1,5 @@
-r"""Gradient variance of SGD, SGD with twice the batch, and SVRG on the digits MLP.
+r"""Gradient variance of SGD, SGD with twice the batch, SVRG, gradient clustering and
+importance sampling on the digits MLP.
 
     python -m experiments.gvar.main --config=experiments/gvar/configs/default.py \
         --workdir=/tmp/gvar_digits
@@ -44,6 +45,9 @@ def get_config():
     config.model.dense = 128  # cnn: width of the hidden dense layer
 
     config.batch_size = 32
+    # Training batches: "uniform" (seeded epochs) or "gc" (stratified over gradient
+    # clusters, weighted N_k / (N n_k); the clusters are refreshed every gc.recluster_every).
+    config.sampler = "uniform"
     config.learning_rate = 0.05  # plain SGD, constant
     config.num_steps = 3000
     config.log_every = 50
@@ -52,10 +56,21 @@ def get_config():
     config.gvar = ml_collections.ConfigDict()
     config.gvar.measure_every = 100  # 0: no measurement
     config.gvar.num_draws = 10  # m: draws for the mean, then m more for the variance
-    config.gvar.estimators = "sgd,sgd_2b,svrg"  # comma-separated, see train.ESTIMATORS
+    config.gvar.estimators = "sgd,sgd_2b,svrg,gc,importance"  # see train.ESTIMATORS
     config.gvar.svrg_snapshot_every = 500  # steps between SVRG's full-gradient snapshots
     config.gvar.exact = True  # also log SGD's exact variance from per-example statistics
     config.gvar.replace = True  # draw measurement batches with replacement
     config.gvar.chunk_size = 1024  # examples per pass for full gradients and evaluation
     config.gvar.seed = 1  # the measurement's own PRNG stream
+    config.gvar.importance_score = "grad_norm"  # importance sampling p_i ∝ ||g_i|| (or "loss")
+    config.gvar.importance_smoothing = 0.0  # mix in this fraction of uniform sampling
+
+    # Gradient clustering (the "gc" estimator and sampler = "gc").
+    config.gc = ml_collections.ConfigDict()
+    config.gc.num_clusters = 10
+    config.gc.num_passes = 3  # batch-mode passes each time the data is clustered
+    config.gc.min_fraction = 0.0  # re-seed clusters below this fraction of the examples
+    config.gc.allocation = "equal"  # slots per cluster: "equal" or "proportional"
+    config.gc.recluster_every = 100  # sampler = "gc": steps between clusterings
+    config.gc.seed = 2  # the initial centres
     return config

@@ -1,0 +1,28 @@
+"""The README's code examples run as written (with fewer steps)."""
+
+import pathlib
+import re
+
+import numpy as np
+
+README = pathlib.Path(__file__).parent.parent / "README.md"
+
+
+def section_code(title: str) -> str:
+    text = README.read_text()
+    body = text.split(f"## {title}\n", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", body, flags=re.S)
+    assert blocks, f"no python block under {title!r}"
+    return blocks[0]
+
+
+def test_gradient_clustering_example_trains_a_model_jaxeff_did_not_define():
+    code = section_code("Gradient clustering")
+    assert "range(500)" in code
+    namespace = {}
+    exec(compile(code.replace("range(500)", "range(40)"), "README.md", "exec"), namespace)
+    assert np.isfinite(float(namespace["loss"]))
+    sampler = namespace["sampler"]
+    sizes = sampler.cluster_sizes
+    assert sizes.sum() == len(namespace["y"]) and (sizes > 0).sum() > 1  # clusters in use
+    assert int(namespace["opt_state"][0].clusters.count) == 40
