@@ -389,7 +389,9 @@ class StratifiedSampler(_BatchStream):
                 return
             indices = _check_indices(indices, self.num_examples)
             assignments = _check_assignments(assignments, self.num_clusters, len(indices))
-            for j in _last_occurrences(indices):
+            last = _last_occurrences(indices)
+            moved = last[assignments[last] != self._assignments[indices[last]]]
+            for j in moved:  # only the examples whose cluster changes
                 self._move(int(indices[j]), int(assignments[j]))
 
     def _draw(self, rng):
