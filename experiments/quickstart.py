@@ -11,7 +11,8 @@ dependencies.
   retrieval table with the paired R@1 gain and writes ``dev_curves.png`` and
   ``test_recalls.png``. Faghri et al., "VSE++: Improving Visual-Semantic Embeddings with
   Hard Negatives", BMVC 2018, https://arxiv.org/abs/1707.05612.
-* ``gvar``: gradient variance of SGD with batch B, SGD with 2B, SVRG and SGD's exact
+* ``gvar``: gradient variance of SGD with batch B, SGD with 2B, SVRG, gradient clustering
+  (stratified batches over gradient clusters), importance sampling and SGD's exact
   variance along one SGD run of an MLP on scikit-learn's digits; prints the mean of each
   over the run and writes ``gradient_variance.png``. Faghri, Duvenaud, Fleet, Ba, "A Study
   of Gradient Variance in Deep Learning", https://arxiv.org/abs/2007.04532.

@@ -2,8 +2,9 @@
 
 Lp and Fourier-domain norms with their duals and projections, exact closed-form robustness
 of linear classifiers (worst-case perturbations, robust margins, robust-accuracy curves,
-certified radii), max-margin classifiers in any norm (cvxpy), and steepest descent in a
-norm as optax transformations.
+certified radii), max-margin classifiers in any norm (cvxpy), steepest descent in a
+norm as optax transformations, and the logistic loss regularised by a norm along a path
+of vanishing penalties.
 
 ``p`` is always the norm of the perturbation (``1, 2, jnp.inf, "fourier_inf", ...``);
 ``norm`` is the norm on the weights (:func:`max_margin`) or the geometry of the step
@@ -33,6 +34,7 @@ from jaxeff.robust.norms import (
     norm,
 )
 from jaxeff.robust.projections import project
+from jaxeff.robust.regularization import regularization_path
 from jaxeff.robust.steepest_descent import scale_by_steepest_descent, steepest_descent
 
 __all__ = [
@@ -52,6 +54,7 @@ __all__ = [
     "norm",
     "normalized_margin",
     "project",
+    "regularization_path",
     "robust_accuracy",
     "robust_margin",
     "scale_by_steepest_descent",

@@ -1,4 +1,4 @@
-r"""Steepest descent in L2, L1, L∞ against the max-margin classifiers, over d/n.
+r"""Steepest descent and norm regularisation in L2, L1, L∞ against the max-margin classifiers.
 
     python -m experiments.robust.main --config=experiments/robust/configs/default.py \
         --workdir=/tmp/robust_linear
@@ -8,9 +8,14 @@ points for each ratio of ``data.d_over_n``, labels ``sign(<x, w_teacher>)`` from
 teacher (noiseless), zero init, logistic loss, ``num_seeds`` seeds. Gradient descent (L2),
 coordinate descent (L1) and sign descent (L∞) take unit steps ``η d*(g)`` of the gradient
 of ``log L`` with ``η = c / max_i ||x_i||_*`` (``step_scale``; the settings of
-``benchmarks/robust_steepest.py`` that reach 0.99 of the max-margin), and are compared
-with the cvxpy max-margin classifiers in the same three norms. Faghri et al., "Bridging
-the Gap Between Adversarial Robustness and Optimization Bias", arXiv 2102.08868.
+``benchmarks/robust_steepest.py`` that reach 0.99 of the max-margin). The logistic loss
+plus ``λ ||w||_q`` (q = L1, L2, L∞) is minimised along ``log λ`` from 0 to
+``regularization.min_log_lambda`` (``e^-100``: 0.99 of the max-margin), warm-started,
+``steps_per_lambda`` proximal-gradient steps each. All are compared with the cvxpy
+max-margin classifiers in the same three norms. Faghri et al., "Bridging the Gap Between
+Adversarial Robustness and Optimization Bias", arXiv 2102.08868.
+
+The linear circular-convolution experiment has its own config, ``linear_conv.py``.
 """
 
 import ml_collections
@@ -18,6 +23,7 @@ import ml_collections
 
 def get_config():
     config = ml_collections.ConfigDict()
+    config.experiment = "linear"  # experiments/robust/main.py runs train.train_and_evaluate
     config.seed = 0  # seed s of the run uses data seed `seed + s`
     config.num_seeds = 3
 
@@ -32,6 +38,13 @@ def get_config():
     config.step_scale.gradient_descent = 1.0
     config.step_scale.coordinate_descent = 0.3
     config.step_scale.sign_descent = 1.0
+
+    # Logistic loss + λ||w||_q at log λ = 0, ..., min_log_lambda (path_length values, evenly
+    # spaced: steps of 2 in log λ), each from the previous solution.
+    config.regularization = ml_collections.ConfigDict()
+    config.regularization.min_log_lambda = -100.0
+    config.regularization.path_length = 51
+    config.regularization.steps_per_lambda = 60
 
     # Robust accuracy at eps from 0 to max_eps_ratio times the training max-margin radius
     # against the attack (the max-margin in the attack's dual norm), num_eps values.
