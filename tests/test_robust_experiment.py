@@ -7,6 +7,7 @@ import io
 import json
 import os
 import re
+import sys
 
 import jax.numpy as jnp
 import numpy as np
@@ -16,6 +17,8 @@ from flax import nnx
 from experiments.robust import linear_conv, main, train
 from experiments.robust.configs import default, linear_conv_quick, quick
 from jaxeff import robust
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 CELL = re.compile(r"(-?\d+\.\d{4})(\*?)")
 # The norm each method must be biased towards, written out independently of the experiment.
@@ -386,3 +389,27 @@ def test_entry_point_runs_the_config_experiment():
     assert main.EXPERIMENTS[default.get_config().experiment] is train
     assert main.EXPERIMENTS[quick.get_config().experiment] is train
     assert main.EXPERIMENTS[linear_conv_quick.get_config().experiment] is linear_conv
+
+
+@pytest.mark.filterwarnings("ignore:os.fork:RuntimeWarning")
+def test_two_processes_compute_the_same_study_and_process_zero_writes(quick_run, tmp_path):
+    """``python -m experiments.robust.main`` under the local launcher: both processes join
+    one cluster, and the results process 0 writes equal the single-process run's."""
+    from experiments.launch import local
+
+    _, results, _ = quick_run
+    workdir = tmp_path / "run"
+    command = [
+        sys.executable,
+        "-m",
+        "experiments.robust.main",
+        f"--config={os.path.join(ROOT, 'experiments/robust/configs/quick.py')}",
+        f"--workdir={workdir}",
+    ]
+    outcome = local.launch(command, num_processes=2, cpu_devices=1, log_dir=str(tmp_path / "logs"))
+    errors = [(tmp_path / "logs" / f"process{i}.err").read_text()[-2000:] for i in range(2)]
+    assert outcome == ([0, 0], None), errors
+    printed = [(tmp_path / "logs" / f"process{i}.out").read_text() for i in range(2)]
+    assert "time" in printed[0] and "time" not in printed[1]  # process 0 alone prints
+    saved = json.load(open(workdir / train.RESULTS))
+    assert saved["summary"] == json.loads(json.dumps(results["summary"]))

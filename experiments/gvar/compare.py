@@ -96,10 +96,6 @@ def plot_comparison(curves: dict, path: str, *, title: str = "") -> None:
     plt.close(fig)
 
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Configuration.", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for both runs and the plot.")
-
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -117,5 +113,8 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    # Defined here, not at import: tests import this module next to other entry points.
+    _CONFIG = config_flags.DEFINE_config_file("config", None, "Configuration.", lock_config=True)
+    _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for both runs and the plot.")
     flags.mark_flags_as_required(["config", "workdir"])
     app.run(main)

@@ -342,8 +342,23 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
     summary = summarise(runs)
     table = format_table(summary)
-    print(table, flush=True)
+    if jax.process_index() == 0:  # every process computes the (small) study; 0 writes it
+        print(table, flush=True)
+        _write_results(workdir, config, summary, runs, histories, times, weights)
+    return {
+        "summary": summary,
+        "runs": runs,
+        "histories": histories,
+        "weights": weights,
+        "table": table,
+        "times": times,
+    }
+
+
+def _write_results(workdir, config, summary, runs, histories, times, weights) -> None:
+    """``weights.npz``, ``results.json`` and the two plots."""
     np.savez(os.path.join(workdir, WEIGHTS), **weights)
+
     with open(os.path.join(workdir, RESULTS), "w") as f:
         json.dump(
             {
@@ -358,11 +373,3 @@ def train_and_evaluate(config, workdir: str) -> dict:
         )
     plots.plot_conv_training(histories, os.path.join(workdir, TRAINING_PLOT))
     plots.plot_conv_robust_accuracy(runs, os.path.join(workdir, ROBUST_PLOT))
-    return {
-        "summary": summary,
-        "runs": runs,
-        "histories": histories,
-        "weights": weights,
-        "table": table,
-        "times": times,
-    }

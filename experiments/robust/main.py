@@ -14,22 +14,23 @@ Any config field can be overridden, e.g. ``--config.num_steps=5000``. The config
   the Fourier-L1 and L2 max-margin classifiers. Prints the final table; results in
   ``DIR/results.json``, ``DIR/metrics.jsonl`` + TensorBoard events, ``DIR/weights.npz``,
   ``DIR/training.png`` and ``DIR/robust_accuracy.png``.
+
+On several processes (``python -m experiments.launch.local --num_processes N -- python -m
+experiments.robust.main ...``, or a pod) every process computes the study, which is small
+and deterministic, and process 0 alone prints and writes the results.
 """
 
+import jax
 from absl import app, flags
 from ml_collections import config_flags
 
+from experiments.launch import cluster_flags
 from experiments.robust import linear_conv, train
 
 __all__ = ["EXPERIMENTS", "main"]
 
 EXPERIMENTS = {"linear": train, "linear_conv": linear_conv}
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Data, optimiser and measurement configuration.", lock_config=True
-)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for the results.")
-flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
@@ -41,7 +42,10 @@ def main(argv):
             f"config.experiment must be one of {sorted(EXPERIMENTS)}, got "
             f"{config.get('experiment')!r}."
         )
+    cluster_flags.initialize()  # several processes: join them first
     results = EXPERIMENTS[config.experiment].train_and_evaluate(config, _WORKDIR.value)
+    if jax.process_index() != 0:
+        return
     times = dict(results["times"])
     total = times.pop("total_s")
     parts = ", ".join(
@@ -51,4 +55,10 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    # Defined here, not at import: tests import this module next to other entry points.
+    _CONFIG = config_flags.DEFINE_config_file(
+        "config", None, "Data, optimiser and measurement configuration.", lock_config=True
+    )
+    _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for the results.")
+    flags.mark_flags_as_required(["config", "workdir"])
     app.run(main)
