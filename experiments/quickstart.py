@@ -33,6 +33,7 @@ import json
 import os
 import time
 
+import jax
 import numpy as np
 from absl import logging
 
@@ -43,6 +44,7 @@ from experiments.robust.configs import quick as robust_quick
 from experiments.vsepp import plots, train
 from experiments.vsepp.configs import shapes
 from jaxeff import gvar, retrieval
+from jaxeff.train import distributed
 
 SECTIONS = ("vsepp", "gvar", "robust")
 
@@ -102,8 +104,9 @@ def vsepp_section(args) -> dict:
             + ", ".join(f"{x:+.1f}" for x in g)
             + ")"
         )
-    plots.plot_dev_curves(histories, os.path.join(args.workdir, "dev_curves.png"))
-    plots.plot_test_recalls(tests, os.path.join(args.workdir, "test_recalls.png"))
+    if jax.process_index() == 0:
+        plots.plot_dev_curves(histories, os.path.join(args.workdir, "dev_curves.png"))
+        plots.plot_test_recalls(tests, os.path.join(args.workdir, "test_recalls.png"))
     return {
         "table": table,
         "gains": gains,
@@ -143,11 +146,12 @@ def gvar_section(args) -> dict:
     print(f"{'estimator':<12} {'variance':>10} {'/ SGD-B':>8}")
     for name in names:
         print(f"{name:<12} {mean[name]:10.3g} {mean[name] / mean['sgd']:8.2f}")
-    gvar.plot_records(
-        records,
-        os.path.join(args.workdir, "gradient_variance.png"),
-        title=f"digits MLP, batch {config.batch_size}",
-    )
+    if jax.process_index() == 0:
+        gvar.plot_records(
+            records,
+            os.path.join(args.workdir, "gradient_variance.png"),
+            title=f"digits MLP, batch {config.batch_size}",
+        )
     return {"mean_variance": mean, "test": result["final"], "json": {"mean_variance": mean}}
 
 
@@ -182,6 +186,9 @@ def main(argv=None):
     if unknown:
         parser.error(f"--sections: unknown {unknown}; choose from {list(SECTIONS)}")
     logging.set_verbosity(logging.WARNING)  # keep checkpointing chatter out of the way
+    # Under `python -m experiments.launch.local` or on a pod the processes join one
+    # cluster; every section runs unchanged and process 0 writes the files.
+    distributed.initialize_distributed()
 
     os.makedirs(args.workdir, exist_ok=True)
     run = {"vsepp": vsepp_section, "gvar": gvar_section, "robust": robust_section}
@@ -194,9 +201,11 @@ def main(argv=None):
     except Preempted:
         print("Preempted: run the same command again to continue where it stopped.")
         return None
-    with open(os.path.join(args.workdir, "results.json"), "w") as f:
-        json.dump({"seconds": seconds, **{k: v["json"] for k, v in results.items()}}, f, indent=2)
-    print(f"Sections took {seconds} seconds. Plots and results in {args.workdir}/")
+    if jax.process_index() == 0:
+        with open(os.path.join(args.workdir, "results.json"), "w") as f:
+            summary = {"seconds": seconds, **{k: v["json"] for k, v in results.items()}}
+            json.dump(summary, f, indent=2)
+        print(f"Sections took {seconds} seconds. Plots and results in {args.workdir}/")
     return results
 
 

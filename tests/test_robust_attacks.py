@@ -8,6 +8,7 @@ from flax import nnx
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 from jaxeff import robust
+from jaxeff.robust import attacks
 from jaxeff.robust.attacks import pgd_attack
 
 NORMS = [jnp.inf, 2, 1, "fourier_inf"]
@@ -169,6 +170,33 @@ def test_unrolled_attack_equals_the_looped_one():
     np.testing.assert_array_equal(unrolled.success, looped.success)
 
 
+def test_default_unrolls_short_attacks_of_costly_models_on_cpu(monkeypatch):
+    # unroll=None: on CPU an attack of at most 32 gradient steps in all (steps x restarts)
+    # is written out, with no loop left in its program, when a forward pass costs enough
+    # for the faster steps to repay the compilation; otherwise the loops stay.
+    assert jax.default_backend() == "cpu"
+    w, b, x, y = binary_problem(n=4)
+
+    def has_loop(**kwargs):
+        def attack(z):
+            return pgd_attack(Affine(w, b), z, y, eps=0.1, p=2, step_size=0.05, **kwargs).x_adv
+
+        return "while" in str(jax.make_jaxpr(attack)(x))
+
+    model_fn, state = attacks._split_model(Affine(w, b))
+    flops = attacks._forward_flops(model_fn, state, jnp.asarray(x))
+    assert 2 * 4 * 72 <= flops <= 2 * 4 * 72 + 8  # <w, x> for 4 rows of 72 inputs, + bias
+    assert has_loop(steps=5)  # far below the threshold: compiling more would not pay
+    monkeypatch.setattr(attacks, "_UNROLL_MIN_FLOPS", flops)
+    key = jax.random.key(0)
+    assert not has_loop(steps=16, restarts=2, key=key)
+    assert has_loop(steps=11, restarts=3, key=key)
+    assert has_loop(steps=5, unroll=False)
+    monkeypatch.setattr(attacks, "_UNROLL_MIN_FLOPS", flops + 1)
+    assert has_loop(steps=5)
+    assert not has_loop(steps=40, unroll=True)
+
+
 def test_targeted_binary_attack_is_the_untargeted_one_toward_the_other_label():
     w, b, x, y = binary_problem(n=16)
     eps = gap_eps(robust.certified_radius(w, x, y, p=2, b=b))
@@ -249,6 +277,25 @@ def test_cnn_attack_stays_in_the_ball_and_box_and_lowers_accuracy(p):
     assert not np.array_equal(other.x_adv, result.x_adv)
 
 
+@pytest.mark.parametrize("p", ["fourier_inf", jnp.inf])
+def test_saturated_pixels_do_not_collapse_a_boxed_attack(p):
+    # Images with pixels at exactly 0 or 1 (digits, CIFAR-10): a dense Fourier step always
+    # pushes some of them out of the box, so shrinking the whole perturbation toward x until
+    # x + tδ fits gives t = 0. The kept perturbations must still fill most of the ball.
+    model, x, _ = cnn_and_labels(seed=5)
+    x = np.where(x < 0.3, 0.0, np.where(x > 0.7, 1.0, x)).astype(np.float32)
+    y = np.asarray(jnp.argmax(forward(model, x), axis=1), np.int32)  # clean accuracy 1
+    eps = 0.1
+    result = pgd_attack(model, x, y, eps=eps, p=p, steps=5, step_size=eps / 2,
+                        key=jax.random.key(0), clip=(0.0, 1.0))  # fmt: skip
+    ok, largest = in_ball(result.x_adv, x, p, eps)
+    assert ok, largest
+    assert np.all(np.asarray(result.x_adv) >= 0) and np.all(np.asarray(result.x_adv) <= 1)
+    size = np.asarray(robust.norm(result.x_adv - x, p, batch_dims=1))
+    assert np.all(size > 0.8 * eps), size
+    assert float(result.robust_accuracy) < 0.5
+
+
 def test_more_steps_or_restarts_never_raise_robust_accuracy(p="fourier_inf"):
     # Restart r starts from fold_in(key, r) and the iterates of a longer run extend those
     # of a shorter one, so the kept worst point can only get worse for the model. With no
@@ -309,6 +356,19 @@ def test_split_merge_closure_inside_jit_equals_the_module():
     np.testing.assert_array_equal(inside.success, direct.success)
 
 
+def test_concrete_arrays_closed_over_inside_jit():
+    # Inside a jit trace the checks on concrete (closed-over) arrays run eagerly instead of
+    # being staged into the trace, where they could not be turned into a Python bool.
+    w, b, x, y = multiclass_problem(n=8)
+    x, y = jnp.asarray(x), jnp.asarray(y)
+    kwargs = dict(eps=0.5, p=jnp.inf, steps=2, step_size=0.25, clip=(-10.0, 10.0))
+    inside = jax.jit(lambda: pgd_attack(Affine(w, b), x, y, **kwargs).x_adv)()
+    direct = pgd_attack(Affine(w, b), x, y, **kwargs).x_adv
+    np.testing.assert_allclose(inside, direct, atol=1e-6)
+    with pytest.raises(ValueError, match="`x` must lie inside"):  # checked, not skipped
+        jax.jit(lambda: pgd_attack(Affine(w, b), x, y, **{**kwargs, "clip": (0.0, 1.0)}).x_adv)()
+
+
 @pytest.mark.parametrize("axis_type", [AxisType.Explicit, AxisType.Auto])
 def test_batch_sharded_over_devices_equals_one_device(axis_type):
     # The same settings as the ball-and-box test for Fourier-L∞, whose unsharded program
@@ -357,5 +417,6 @@ def test_invalid_arguments_are_refused_by_name():
     refused("`x`", x=np.where(np.arange(4)[:, None, None, None] == 2, np.nan, x))
     refused("`clip`", clip=(1.0, 0.0))
     refused("`loss`", loss=lambda logits, labels: jnp.sum(logits))
+    refused("`unroll`", unroll="auto")
     with pytest.raises(TypeError, match="`apply_fn`"):
         pgd_attack(3.0, x, y, **good)

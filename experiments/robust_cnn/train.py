@@ -1,0 +1,696 @@
+"""Fourier-L∞, L∞ and L2 attacks on a small CNN: ``train_and_evaluate(config, workdir)``.
+
+Faghri, Gowal, Vasconcelos, Fleet, Pedregosa, Le Roux, "Bridging the Gap Between
+Adversarial Robustness and Optimization Bias", https://arxiv.org/abs/2102.08868, CIFAR-10
+experiments: a standard-trained CNN is attacked by projected gradient ascent within
+``||δ||_p <= ε`` for each norm of ``config.attack.norms`` (:data:`NORMS`) and each radius
+of its grid ``config.attack.eps.<norm>``, with :func:`jaxeff.robust.pgd_attack`. The Fourier-L∞ ball
+bounds the modulus of every coefficient of the per-channel orthonormal 2-D DFT of ``δ``,
+
+.. math::
+
+  ||\\delta||_{F\\infty} = \\max_{c, k} |(F \\delta_{:, :, c})[k]| \\le \\epsilon,
+
+and its attack steps along ``F⁻¹(G / |G|)`` (``G`` the DFT of the gradient) and clips the
+modulus of each coefficient at ε. Lp-bounded adversarial perturbations tend to
+concentrate in the Fourier domain, which the paper explains through the linear case,
+while the Fourier-L∞ ball allows modulus ε on *every* coefficient: at the same ε its
+perturbations spread their energy over all frequencies. The spectrum figure shows the
+mean ``|F δ| / ε`` of both, and ``results.json`` the share of the energy held by the top
+10% of coefficients (:func:`top_share`; 0.1 for a flat spectrum).
+
+Robust accuracy. An attacked test point counts as broken at ``ε`` when the attack
+succeeded at some radius ``ε' <= ε`` of the grid (a perturbation in the smaller ball lies
+in the larger one), so each curve is non-increasing and starts, at ``ε = 0``, at the
+clean accuracy of the attacked points; every value is an upper bound on the true robust
+accuracy. With ``model.name = "linear"`` the exact robust accuracy is known in closed
+form (:func:`jaxeff.robust.robust_accuracy`) and is recorded next to the attack's: without
+the box (``attack.clip = False``) a multi-targeted attack (``attack.multi_targeted``: one
+attack toward each other class, Gowal et al., "An Alternative Surrogate Loss for PGD-based
+Adversarial Testing", arXiv 1910.09338) reaches it exactly; with the box the closed form
+is a lower bound.
+
+The run reads top to bottom: config, data, model and optimizer, sharding, update step,
+checkpoint (a rerun resumes, or skips finished training), loop, clean evaluation,
+attacks, results and plots.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import time
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from experiments.robust_cnn import models, plots
+from jaxeff import robust
+from jaxeff import train as jt
+from jaxeff.data import digits, mnist_cifar
+
+__all__ = [
+    "NORMS",
+    "AttackSettings",
+    "attack_batch",
+    "attack_settings",
+    "cumulative_success",
+    "is_correct",
+    "load_data",
+    "mean_abs_spectrum",
+    "top_share",
+    "train_and_evaluate",
+    "validate_config",
+]
+
+#: Perturbation norms by config name: the ``p`` of :func:`jaxeff.robust.pgd_attack`.
+NORMS = {"linf": math.inf, "l2": 2.0, "l1": 1.0, "fourier_inf": "fourier_inf"}
+#: The norms of the spectrum figure (they share their radii).
+SPECTRUM_NORMS = ("linf", "fourier_inf")
+#: Attack losses (``config.attack.loss``).
+LOSSES = ("cross_entropy", "margin")
+#: File names in the workdir.
+RESULTS, ATTACKS = "results.json", "attacks.npz"
+ROBUST_PLOT, SPECTRUM_PLOT = "robust_accuracy.png", "spectrum.png"
+#: PRNG of the initialisation and the attacks' random starts: XLA's RngBitGenerator, which
+#: compiles in a fraction of threefry's time on CPU (its numbers may differ across XLA
+#: versions and backends; a run's weights live in its checkpoint).
+PRNG_IMPL = "rbg"
+#: Share of the spectrum's coefficients whose energy share ``results.json`` reports.
+TOP_FRACTION = 0.1
+# Fields a rerun in the same workdir may change: none changes what training computes
+# (the learning rate is constant, so neither does the run's length).
+RESUMABLE_FIELDS = (
+    "log_every",
+    "checkpoint_every",
+    "num_steps",
+    "data.data_dir",
+    "eval.batch_size",
+    "eval.num_examples",
+    "eval.save_examples",
+)
+
+
+# ----------------------------------------------------------------------------------------
+# Config.
+# ----------------------------------------------------------------------------------------
+def _integer(config, field: str, minimum: int) -> int:
+    node = config
+    for part in field.split("."):
+        node = node[part]
+    if isinstance(node, bool) or not isinstance(node, int) or node < minimum:
+        raise ValueError(f"config.{field} must be an integer >= {minimum}, got {node!r}.")
+    return node
+
+
+def attack_norms(config) -> tuple[str, ...]:
+    """The norm names of ``config.attack.norms``, checked."""
+    names = tuple(config.attack.norms)
+    unknown = [n for n in names if n not in NORMS]
+    if not names or unknown or len(set(names)) != len(names):
+        raise ValueError(
+            f"config.attack.norms must be distinct names from {tuple(NORMS)}, got "
+            f"{config.attack.norms!r}."
+        )
+    return names
+
+
+def eps_grid(config, name: str) -> np.ndarray:
+    """The radii ``config.attack.eps.<name>``: finite, ``>= 0`` and increasing."""
+    if name not in config.attack.eps:
+        raise ValueError(f"config.attack.eps.{name} must hold the radii of the {name!r} attack.")
+    values = config.attack.eps[name]
+    try:
+        grid = np.asarray(values, np.float64)
+    except (TypeError, ValueError):
+        grid = np.asarray([])
+    if (
+        grid.ndim != 1
+        or not grid.size
+        or not np.all(np.isfinite(grid))
+        or np.any(grid < 0)
+        or np.any(np.diff(grid) <= 0)
+    ):
+        raise ValueError(
+            f"config.attack.eps.{name} must be increasing radii >= 0 (a tuple), got {values!r}."
+        )
+    return grid
+
+
+def validate_config(config) -> None:
+    """Checks every field at start-up, before any data is read or anything compiled."""
+    jt.check_numbers(
+        config,
+        positive=["learning_rate", "attack.step_size"],
+        fraction=["data.test_fraction"],
+    )
+    for field, minimum in (
+        ("seed", 0),
+        ("data.seed", 0),
+        ("data.max_examples", 0),
+        ("batch_size", 1),
+        ("num_steps", 1),
+        ("log_every", 1),
+        ("checkpoint_every", 1),
+        ("eval.batch_size", 1),
+        ("eval.num_examples", 0),
+        ("eval.save_examples", 0),
+        ("attack.steps", 0),
+        ("attack.restarts", 1),
+        ("attack.batch_size", 1),
+        ("attack.seed", 0),
+    ):
+        _integer(config, field, minimum)
+    if config.data.name == "digits":
+        pass
+    elif config.data.name in mnist_cifar.IMAGE_DATASETS:
+        if not config.data.data_dir:
+            raise ValueError(
+                f"config.data.data_dir must name the tfds data directory where "
+                f"{config.data.name!r} was prepared (as array_record); see "
+                "jaxeff.data.mnist_cifar."
+            )
+    else:
+        raise ValueError(
+            f"config.data.name must be 'digits' or one of {mnist_cifar.IMAGE_DATASETS}, got "
+            f"{config.data.name!r}."
+        )
+    if config.model.name not in ("cnn", "linear"):
+        raise ValueError(f"config.model.name must be 'cnn' or 'linear', got {config.model.name!r}.")
+    if config.model.name == "cnn":
+        features = tuple(config.model.features)
+        if not features or any(
+            isinstance(f, bool) or not isinstance(f, int) or f < 1 for f in features
+        ):
+            raise ValueError(
+                f"config.model.features must be positive channel counts, got "
+                f"{config.model.features!r}."
+            )
+        _integer(config, "model.dense", 1)
+    names = attack_norms(config)
+    for name in names:
+        eps_grid(config, name)
+    if all(n in names for n in SPECTRUM_NORMS):
+        jt.check_numbers(config, positive=["attack.spectrum_eps"])
+        for name in SPECTRUM_NORMS:
+            if not np.any(np.isclose(eps_grid(config, name), config.attack.spectrum_eps)):
+                raise ValueError(
+                    f"config.attack.spectrum_eps ({config.attack.spectrum_eps!r}) must be one "
+                    f"of the radii config.attack.eps.{name}."
+                )
+    if config.attack.loss not in LOSSES:
+        raise ValueError(f"config.attack.loss must be one of {LOSSES}, got {config.attack.loss!r}.")
+    for field in ("random_start", "multi_targeted", "clip"):
+        if not isinstance(config.attack[field], bool):
+            raise ValueError(f"config.attack.{field} must be a bool, got {config.attack[field]!r}.")
+    if config.attack.restarts > 1 and not config.attack.random_start:
+        raise ValueError(
+            "config.attack.restarts > 1 needs config.attack.random_start=True (each restart "
+            "starts at its own random point)."
+        )
+    if config.attack.multi_targeted and config.attack.loss != "margin":
+        raise ValueError(
+            "config.attack.multi_targeted attacks the margin z_t - z_y toward each other "
+            "class t; set config.attack.loss='margin'."
+        )
+    if jax.process_count() > 1:
+        raise ValueError("experiments.robust_cnn runs on one process (any number of devices).")
+
+
+# ----------------------------------------------------------------------------------------
+# Data: images in [0, 1] (float32 for digits, uint8 for tfds sets), integer labels.
+# ----------------------------------------------------------------------------------------
+class Data(NamedTuple):
+    train: dict[str, np.ndarray]
+    test: dict[str, np.ndarray]
+    num_classes: int
+
+
+def load_data(config) -> Data:
+    """The training and test splits of ``config.data``."""
+    data = config.data
+    if data.name == "digits":
+        splits = digits.load_digits(test_fraction=data.test_fraction, seed=data.seed)
+        train, test, num_classes = splits["train"], splits["test"], digits.DIGITS_CLASSES
+    else:
+        train, test = (
+            mnist_cifar.load_image_classification(data.name, data_dir=data.data_dir, split=split)
+            for split in ("train", "test")
+        )
+        num_classes = mnist_cifar.num_classes(data.name, data_dir=data.data_dir)
+    if data.max_examples:
+        train = {k: v[: data.max_examples] for k, v in train.items()}
+    if len(test["label"]) == 0:
+        raise ValueError(f"The test split of {data.name!r} is empty (config.data.test_fraction).")
+    return Data(train, test, num_classes)
+
+
+def batch_indices(size: int, batch_size: int, seed: int, step: int) -> np.ndarray:
+    """Rows of training batch ``step``: a seeded permutation per epoch of ``size // batch_size``
+    batches, a pure function of ``(seed, step)`` so a resumed run needs only its step."""
+    steps_per_epoch = size // batch_size
+    epoch, position = divmod(step, steps_per_epoch)
+    order = np.random.default_rng([seed, epoch]).permutation(size)
+    return order[position * batch_size : (position + 1) * batch_size]
+
+
+def padded_batches(num: int, batch_size: int):
+    """``(rows, count)`` per batch: ``batch_size`` row indices, the last batch padded with
+    row 0, and how many of them are real (every call then has one shape)."""
+    for start in range(0, num, batch_size):
+        rows = np.arange(start, min(start + batch_size, num))
+        count = len(rows)
+        yield np.concatenate([rows, np.zeros(batch_size - count, rows.dtype)]), count
+
+
+# ----------------------------------------------------------------------------------------
+# Model.
+# ----------------------------------------------------------------------------------------
+def build_model(config, data: Data) -> nnx.Module:
+    shape = data.train["image"].shape[1:]
+    if config.model.name == "linear":
+        return models.LinearClassifier(shape, data.num_classes)
+    return models.CNN(
+        shape,
+        tuple(config.model.features),
+        config.model.dense,
+        data.num_classes,
+        rngs=nnx.Rngs(jax.random.key(config.seed, impl=PRNG_IMPL)),
+    )
+
+
+def train_loss(model, batch, hparams):
+    del hparams
+    logits = model(batch["image"])
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
+    accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
+    return jnp.mean(loss), {"accuracy": accuracy}
+
+
+def _devices_dividing(size: int):
+    """The most local devices that divide ``size`` (one process)."""
+    devices = jax.devices()
+    count = max(k for k in range(1, len(devices) + 1) if size % k == 0)
+    return devices[:count]
+
+
+# ----------------------------------------------------------------------------------------
+# Attacks.
+# ----------------------------------------------------------------------------------------
+class AttackSettings(NamedTuple):
+    """The static settings of one attack program (hashable: compiled once per value)."""
+
+    p: float | str
+    steps: int
+    restarts: int
+    step_size: float  # α / ε
+    loss: str
+    multi_targeted: bool
+    clip: bool
+    random_start: bool
+    num_classes: int
+
+
+def attack_settings(config, name: str, num_classes: int) -> AttackSettings:
+    """The :class:`AttackSettings` of norm ``name`` in ``config.attack``."""
+    a = config.attack
+    return AttackSettings(
+        p=NORMS[name],
+        steps=a.steps,
+        restarts=a.restarts,
+        step_size=float(a.step_size),
+        loss=a.loss,
+        multi_targeted=a.multi_targeted,
+        clip=a.clip,
+        random_start=a.random_start,
+        num_classes=num_classes,
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "settings"))
+def attack_batch(params, model_state, x, y, eps, key, *, graphdef, settings: AttackSettings):
+    """PGD on one batch: ``(x_adv, success)``, radius ``eps`` and step ``settings.step_size · ε``.
+
+    Untargeted: one :func:`jaxeff.robust.pgd_attack` on ``settings.loss``. Multi-targeted:
+    each example is attacked toward every other class ``t`` with the loss ``z_t - z_y`` (as
+    one batch ``K - 1`` times larger); the example is broken if any target succeeds, and its
+    ``x_adv`` is the first successful one, or the one with the largest margin
+    ``max_{j≠y} z_j - z_y`` if none succeeds. The data, radius, key and weights are traced:
+    one program per model structure, batch shape and settings.
+    """
+    s = settings
+    model = nnx.merge(graphdef, params, model_state)
+    common = dict(
+        eps=eps,
+        p=s.p,
+        steps=s.steps,
+        step_size=s.step_size * eps,
+        restarts=s.restarts,
+        key=key if s.random_start else None,
+        clip=(0.0, 1.0) if s.clip else None,
+    )
+    if not s.multi_targeted:
+        result = robust.pgd_attack(model, x, y, loss=s.loss, **common)
+        return result.x_adv, result.success
+    k, batch = s.num_classes, x.shape[0]
+    xs, ys = jnp.repeat(x, k - 1, axis=0), jnp.repeat(y, k - 1)
+    targets = (ys + jnp.tile(jnp.arange(1, k), batch)) % k
+
+    def target_margin(logits, labels):
+        target = jnp.take_along_axis(logits, targets[:, None], axis=1)
+        true = jnp.take_along_axis(logits, labels[:, None], axis=1)
+        return (target - true)[:, 0]
+
+    result = robust.pgd_attack(model, xs, ys, loss=target_margin, **common)
+    success = result.success.reshape(batch, k - 1)
+    logits = result.logits.reshape(batch, k - 1, k)
+    true = jnp.take_along_axis(logits, y[:, None, None], axis=2)[..., 0]
+    others = jnp.where(jnp.arange(k) == y[:, None, None], -jnp.inf, logits)
+    margin = jnp.max(others, axis=2) - true
+    broken = jnp.any(success, axis=1)
+    pick = jnp.where(broken, jnp.argmax(success, axis=1), jnp.argmax(margin, axis=1))
+    x_adv = result.x_adv.reshape(batch, k - 1, *x.shape[1:])[jnp.arange(batch), pick]
+    return x_adv, broken
+
+
+@functools.partial(jax.jit, static_argnames="graphdef")
+def is_correct(params, model_state, x, y, *, graphdef):
+    """Per example, whether the true logit is strictly the largest, ``z_y > max_{j≠y} z_j``
+    (the rule of :func:`jaxeff.robust.pgd_attack`: a tie counts as an error)."""
+    logits = nnx.merge(graphdef, params, model_state)(x)
+    true = jnp.take_along_axis(logits, y[:, None], axis=1)[:, 0]
+    others = jnp.where(jnp.arange(logits.shape[1]) == y[:, None], -jnp.inf, logits)
+    return true > jnp.max(others, axis=1)
+
+
+def cumulative_success(success) -> np.ndarray:
+    """Per-radius attack successes to "broken at some radius ``<= ε``".
+
+    .. math::
+
+      \\text{broken}[e, i] = \\bigvee_{e' \\le e} \\text{success}[e', i]
+
+    A perturbation found at ``ε_{e'} <= ε_e`` lies in the larger ball too, so the robust
+    accuracy ``1 - mean_i broken[e, i]`` is non-increasing along increasing radii.
+
+    Args:
+      success: ``(E, N)`` bools, row ``e`` the attack's successes at the ``e``-th radius.
+
+    Returns:
+      ``(E, N)`` bools.
+    """
+    success = np.asarray(success, bool)
+    if success.ndim != 2:
+        raise ValueError(f"`success` must have shape (num_eps, num_examples), got {success.shape}.")
+    return np.logical_or.accumulate(success, axis=0)
+
+
+def mean_abs_spectrum(delta) -> np.ndarray:
+    """Mean modulus of the perturbations' DFT over examples and channels.
+
+    .. math::
+
+      S[k] = \\frac{1}{N C} \\sum_{i, c} |(F \\delta_{i, :, :, c})[k]|
+
+    with ``F`` the orthonormal 2-D DFT of :func:`jaxeff.robust.dft` (per channel).
+
+    Args:
+      delta: ``(N, H, W, C)`` perturbations.
+
+    Returns:
+      ``(H, W)``, zero frequency in the centre (``np.fft.fftshift``).
+    """
+    delta = np.asarray(delta)
+    if delta.ndim != 4:
+        raise ValueError(f"`delta` must be (N, H, W, C) perturbations, got shape {delta.shape}.")
+    modulus = np.abs(np.fft.fft2(delta, axes=(1, 2), norm="ortho"))
+    return np.fft.fftshift(modulus.mean(axis=(0, 3)))
+
+
+def top_share(spectrum, fraction: float = TOP_FRACTION) -> float:
+    """Share of ``Σ spectrum²`` held by its largest ``fraction`` of coefficients: about
+    ``fraction`` for a flat spectrum, near 1 for one concentrated on a few frequencies."""
+    energy = np.sort(np.square(np.asarray(spectrum, np.float64)).ravel())[::-1]
+    count = max(1, int(round(fraction * energy.size)))
+    total = energy.sum()
+    return float(energy[:count].sum() / total) if total > 0 else float("nan")
+
+
+# ----------------------------------------------------------------------------------------
+# Train and evaluate.
+# ----------------------------------------------------------------------------------------
+def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = False) -> dict:
+    """Trains the model (or restores it), then attacks it at every radius of every norm.
+
+    A rerun in the same workdir resumes training from the latest checkpoint, or skips it
+    when the checkpoint is at ``num_steps``, and evaluates again; SIGTERM saves and returns
+    ``{"preempted": True, "step": N}``; a NaN loss stops the run before that state is
+    saved; a workdir made by a different config is refused unless ``allow_config_change``
+    (the ``eval`` fields, the logging and checkpoint intervals and ``num_steps`` may change;
+    a workdir whose model was trained longer than ``num_steps`` is refused).
+
+    Writes into ``workdir``: ``config.json``; ``checkpoints/``; ``metrics.jsonl`` and
+    TensorBoard events (training loss and accuracy every ``log_every`` steps; at the end
+    ``clean_accuracy`` and ``robust_accuracy/<norm>/<ε>``); ``results.json``;
+    ``attacks.npz`` (per norm: ``<norm>/eps``, ``<norm>/success`` the per-radius successes
+    ``(E, N)``, ``<norm>/delta`` the perturbations of the first ``eval.save_examples``
+    attacked points ``(E, n, H, W, C)``; ``index``, ``label`` and ``image`` of the attacked
+    points); ``robust_accuracy.png``; ``spectrum.png`` (with both L∞ and Fourier-L∞).
+
+    Returns:
+      ``{"clean_accuracy", "attacked_clean_accuracy", "num_attacked", "attacks": {norm:
+      {"eps", "robust_accuracy", "attack_accuracy", ["closed_form"]}}, "spectrum": {norm:
+      {"eps", "mean_abs", "top_share"}}, "trained_steps": steps trained by this call,
+      "params": the trained parameters (host), "preempted": False}``, or
+      ``{"preempted": True, "step": N}``.
+    """
+    # Config: checked, and bound to the workdir, before anything is built ----------------
+    start_time = time.perf_counter()
+    validate_config(config)
+    may_differ = (
+        RESUMABLE_FIELDS
+        + tuple(f"attack.{k}" for k in config.attack.keys())
+        + tuple(f"attack.eps.{k}" for k in config.attack.eps.keys())
+    )
+    changes = jt.bind_config_to_workdir(
+        config, workdir, may_differ=may_differ, allow_changes=allow_config_change
+    )
+    if changes:
+        jt.announce(f"Continuing {workdir} with changed config fields: {', '.join(changes)}.")
+    norms = attack_norms(config)
+
+    # Data ------------------------------------------------------------------------------
+    data = load_data(config)
+    num_train = len(data.train["label"])
+    if config.batch_size > num_train:
+        raise ValueError(
+            f"config.batch_size ({config.batch_size}) exceeds the {num_train} training examples."
+        )
+
+    # Model and optimizer ----------------------------------------------------------------
+    model = build_model(config, data)
+    tx = optax.adam(config.learning_rate)
+    graphdef, state = jt.create_train_state(model, tx)
+
+    # Sharding: parameters replicated, batch split along the data axis --------------------
+    mesh = jt.make_mesh(devices=_devices_dividing(config.batch_size))
+    state = jt.replicate(state, mesh)
+    train_step = jt.make_train_step(
+        graphdef,
+        train_loss,
+        tx,
+        state_sharding=jt.replicated_sharding(mesh),
+        batch_sharding=jt.data_sharding(mesh),
+    )
+
+    # Checkpoint: resume, or skip finished training ---------------------------------------
+    ckpt = jt.Checkpointer(os.path.join(workdir, "checkpoints"))
+    if ckpt.latest_step is not None:
+        if ckpt.latest_step > config.num_steps:
+            raise ValueError(
+                f"{workdir} holds a model trained for {ckpt.latest_step} steps, more than "
+                f"config.num_steps={config.num_steps}; use a new workdir."
+            )
+        state, _ = ckpt.restore(state)
+        jt.announce(f"Resumed from step {int(state.step)} of {config.num_steps} ({workdir}).")
+    first_step = int(state.step)
+
+    # Loop -------------------------------------------------------------------------------
+    writer = jt.MetricWriter(workdir)
+    guard = jt.FiniteGuard()  # no diverged state is ever evaluated or saved
+    pending = []
+    steps_per_epoch = num_train // config.batch_size
+    with (
+        jt.finish_saves_on_error(ckpt, writer),
+        jt.PreemptionSignal(ckpt) as preempted,
+        jt.progress_bar(config.num_steps, initial=first_step, desc="train") as bar,
+    ):
+        for step in range(first_step, config.num_steps):
+            rows = batch_indices(num_train, config.batch_size, config.seed, step)
+            batch = {
+                "image": models.as_float(data.train["image"][rows]),
+                "label": data.train["label"][rows],
+            }
+            state, metrics = train_step(state, jt.shard_batch(batch, mesh))
+            done = step + 1
+            guard.update(done, metrics)
+            pending.append(metrics)
+            if done % config.log_every == 0 or done == config.num_steps:
+                guard.check(state.params)
+                summary = jt.mean_metrics(pending)
+                writer.write(done, {**summary, "epoch": done / steps_per_epoch})
+                pending = []
+                bar.set_postfix(loss=f"{summary['loss']:.4f}")
+            stop = preempted(done)
+            if stop or done % config.checkpoint_every == 0 or done == config.num_steps:
+                guard.check(state.params)
+                ckpt.save(done, state)
+            ckpt.check_for_errors()  # a failed background save stops the run here
+            bar.update(1)
+            if stop:
+                writer.close()
+                ckpt.close()
+                jt.announce(
+                    f"Preempted at step {done}: checkpoint saved in {workdir}; run the same "
+                    "command again to resume."
+                )
+                return {"preempted": True, "step": done}
+        guard.check(state.params)
+    ckpt.close()
+    writer.close()
+    train_seconds = time.perf_counter() - start_time
+
+    # Clean evaluation on one device ------------------------------------------------------
+    device = jax.devices()[0]
+    params = jax.device_put(jax.device_get(state.params), device)
+    model_state = jax.device_put(jax.device_get(state.model_state), device)
+    test_images, test_labels = data.test["image"], data.test["label"]
+    num_test = len(test_labels)
+    correct = np.zeros(num_test, bool)
+    eval_rows = min(config.eval.batch_size, num_test)
+    for rows, count in padded_batches(num_test, eval_rows):
+        x, y = models.as_float(test_images[rows]), test_labels[rows].astype(np.int32)
+        right = is_correct(params, model_state, x, y, graphdef=graphdef)
+        correct[rows[:count]] = np.asarray(right)[:count]
+    clean_accuracy = float(np.mean(correct))
+
+    # Attacks: every norm, every radius, fixed-shape batches sharded over the devices -----
+    num_attacked = min(config.eval.num_examples or num_test, num_test)
+    attacked = np.arange(num_attacked)
+    x_all = models.as_float(test_images[attacked])
+    y_all = test_labels[attacked].astype(np.int32)
+    attack_rows = min(config.attack.batch_size, num_attacked)
+    attack_mesh = jt.make_mesh(devices=_devices_dividing(attack_rows))
+    params_r = jt.replicate(params, attack_mesh)
+    model_state_r = jt.replicate(model_state, attack_mesh)
+    saved = min(config.eval.save_examples, num_attacked)
+    key = jax.random.key(config.attack.seed, impl=PRNG_IMPL)
+    linear_weights = None  # (W, b) of a linear model: its exact robust accuracy
+    if config.model.name == "linear":
+        linear_weights = nnx.merge(graphdef, params, model_state).weights()
+    arrays = {
+        "index": attacked,
+        "label": y_all,
+        "image": x_all[:saved],
+    }
+    attacks, spectra = {}, {}
+    spectrum_eps = config.attack.get("spectrum_eps")
+    want_spectrum = all(n in norms for n in SPECTRUM_NORMS)
+    attack_start = time.perf_counter()
+    for n, name in enumerate(norms):
+        p = NORMS[name]
+        grid = eps_grid(config, name)
+        settings = attack_settings(config, name, data.num_classes)
+        success = np.zeros((len(grid), num_attacked), bool)
+        deltas = np.zeros((len(grid), saved, *x_all.shape[1:]), np.float32)
+        spectrum_at = None
+        if want_spectrum and name in SPECTRUM_NORMS:
+            spectrum_at = int(np.argmin(np.abs(grid - spectrum_eps)))
+            spectrum_sum = np.zeros(x_all.shape[1:3], np.float64)
+        for e, eps in enumerate(grid):
+            for b, (rows, count) in enumerate(padded_batches(num_attacked, attack_rows)):
+                batch = jt.shard_batch({"x": x_all[rows], "y": y_all[rows]}, attack_mesh)
+                batch_key = jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(key, n), e), b)
+                x_adv, ok = attack_batch(
+                    params_r, model_state_r, batch["x"], batch["y"], jnp.float32(eps), batch_key,
+                    graphdef=graphdef, settings=settings,
+                )  # fmt: skip
+                x_adv = np.asarray(x_adv)[:count]
+                real = rows[:count]
+                success[e, real] = np.asarray(ok)[:count]
+                delta = x_adv - x_all[real]
+                keep = real < saved
+                deltas[e, real[keep]] = delta[keep]
+                if e == spectrum_at:
+                    spectrum_sum += mean_abs_spectrum(delta) * count
+        broken = cumulative_success(success)
+        attacks[name] = {
+            "eps": grid.tolist(),
+            "robust_accuracy": (1.0 - broken.mean(axis=1)).tolist(),
+            "attack_accuracy": (1.0 - success.mean(axis=1)).tolist(),
+        }
+        if linear_weights is not None:
+            w, bias = linear_weights
+            exact = robust.robust_accuracy(w, x_all, y_all, eps=grid, p=p, b=bias)
+            attacks[name]["closed_form"] = np.asarray(exact, np.float64).tolist()
+        arrays[f"{name}/eps"] = grid
+        arrays[f"{name}/success"] = success
+        arrays[f"{name}/delta"] = deltas
+        if spectrum_at is not None:
+            spectrum = spectrum_sum / num_attacked
+            spectra[name] = {
+                "eps": float(grid[spectrum_at]),
+                "mean_abs": spectrum.tolist(),
+                "top_share": top_share(spectrum),
+            }
+            arrays[f"{name}/spectrum"] = spectrum
+        jt.announce(
+            f"{name}: robust accuracy "
+            + ", ".join(
+                f"{eps:g}: {acc:.3f}"
+                for eps, acc in zip(grid, attacks[name]["robust_accuracy"], strict=True)
+            )
+        )
+    attack_seconds = time.perf_counter() - attack_start
+
+    # Results ----------------------------------------------------------------------------
+    attacked_clean = float(np.mean(correct[attacked]))
+    scalars = {"clean_accuracy": clean_accuracy, "attacked_clean_accuracy": attacked_clean}
+    for name, curve in attacks.items():
+        for eps, acc in zip(curve["eps"], curve["robust_accuracy"], strict=True):
+            scalars[f"robust_accuracy/{name}/{eps:g}"] = acc
+    with jt.MetricWriter(workdir) as writer:
+        writer.write(config.num_steps, scalars)
+    results = {
+        "clean_accuracy": clean_accuracy,
+        "attacked_clean_accuracy": attacked_clean,
+        "num_attacked": num_attacked,
+        "attacks": attacks,
+        "spectrum": {
+            name: {k: v for k, v in s.items() if k != "mean_abs"} for name, s in spectra.items()
+        },
+        "steps": config.num_steps,
+        "trained_steps": config.num_steps - first_step,
+        "times": {"train_s": train_seconds, "attacks_s": attack_seconds},
+    }
+    with open(os.path.join(workdir, RESULTS), "w") as f:
+        json.dump(results, f, indent=2)
+    np.savez(os.path.join(workdir, ATTACKS), **arrays)
+    title = f"{config.data.name}, {config.model.name}, {config.attack.steps} PGD steps"
+    plots.plot_robust_accuracy(
+        attacks, os.path.join(workdir, ROBUST_PLOT), clean_accuracy=attacked_clean, title=title
+    )
+    if spectra:
+        plots.plot_spectra(spectra, os.path.join(workdir, SPECTRUM_PLOT), title=title)
+    return {
+        **results,
+        "spectrum": spectra,
+        "params": jax.device_get(state.params),
+        "preempted": False,
+    }
