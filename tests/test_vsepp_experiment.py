@@ -225,12 +225,13 @@ def test_quickstart_table_gains_and_files_agree_with_its_runs(tmp_path, capsys):
     # Gradient variance: the printed means are those of the run's own records.
     records = gvar.read_records(tmp_path / "gvar" / "gvar.jsonl")
     mean = saved["gvar"]["mean_variance"]
-    assert set(mean) == {"sgd", "sgd_2b", "exact_sgd", "svrg"}
+    assert set(mean) == {"sgd", "sgd_2b", "exact_sgd", "svrg", "gc", "importance"}
     for name, value in mean.items():
         values = [r["variance"] for r in records if r["estimator"] == name]
         np.testing.assert_allclose(value, np.mean(values), rtol=1e-12)
         assert f"{name:<12} {value:10.3g} {value / mean['sgd']:8.2f}" in printed
     assert 0.3 < mean["sgd_2b"] / mean["sgd"] < 0.8  # twice the batch, about half
+    assert mean["gc"] < mean["sgd"]  # stratified over gradient clusters: lower variance
     for name in ("dev_curves.png", "test_recalls.png", "gradient_variance.png"):
         with open(tmp_path / name, "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n" and os.path.getsize(tmp_path / name) > 10_000
