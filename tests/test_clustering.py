@@ -461,3 +461,33 @@ def test_sequential_assignment_balances_where_all_at_once_would_not():
         jnp.asarray(dist[25:]), jnp.asarray(sizes), so_far=carried
     )
     np.testing.assert_array_equal(np.concatenate([first, second]), want)
+
+
+def test_transform_rides_along_the_library_train_step():
+    """make_train_step(per_example_stats=True) hands the step's statistics, computed with
+    the clusters' centres, to the transform: the same state as the transform called by hand."""
+    from jaxeff import train as jt
+
+    model = MLP(nnx.Rngs(0))
+    data = mlp_data(16)
+    tx = optax.chain(
+        clustering.gradient_clustering(model, num_clusters=4, batch_size=16), optax.sgd(0.1)
+    )
+    graphdef, state = jt.create_train_state(model, tx)
+    step = jt.make_train_step(
+        graphdef,
+        lambda m, b, hparams: (xent(m, b), {}),
+        tx,
+        per_example_stats=True,
+        directions_fn=lambda s: s.opt_state[0].clusters.centres,
+        donate=False,
+    )
+    seeded, _, _ = step(state, data)
+    after, _, stats = step(seeded, data)
+    want, assignments = clustering.online_update(seeded.opt_state[0].clusters, stats, decay=0.9)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+        after.opt_state[0].clusters,
+        want,
+    )
+    np.testing.assert_array_equal(after.opt_state[0].assignments, assignments)

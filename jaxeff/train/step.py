@@ -321,7 +321,7 @@ def make_train_step(
 
       train_step = make_train_step(
           graphdef, per_example_loss_fn, tx, per_example_stats=True,
-          directions_fn=lambda state: state.opt_state[0].centres)
+          directions_fn=lambda state: state.opt_state[0].clusters.centres)
       state, metrics, stats = train_step(state, batch)
       stats.total_sq_norms, stats.dots            # (B,), (K, B)
     """
