@@ -10,6 +10,8 @@ both runs. ``"gc"`` draws each batch stratified over gradient clusters of the tr
 set with weights ``N_k/(N n_k)`` (an unbiased, lower-variance gradient), re-clustered every
 ``gc.recluster_every`` steps. Writes ``sampler_comparison.png`` (full training loss and
 test accuracy against examples seen, one line per sampler) and ``comparison.json``.
+Runs unchanged on many processes (``python -m experiments.launch.local --num_processes 2
+-- python -m experiments.gvar.compare ...``, or on a pod): process 0 writes the files.
 Faghri, Duvenaud, Fleet, Ba, "A Study of Gradient Variance in Deep Learning",
 https://arxiv.org/abs/2007.04532.
 """
@@ -25,7 +27,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from experiments.gvar import train
-from jaxeff import train as jt
+from experiments.launch import cluster_flags
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -42,7 +44,8 @@ def compare_samplers(config, workdir: str) -> dict:
 
     Each run resumes on its own like any gradient-variance run; the curves are the
     evaluations at the measured steps (``gvar.measure_every``) over the whole training
-    and test sets.
+    and test sets, as the runs return them (the same on every process; process 0 writes
+    the plot and ``comparison.json``).
     """
     if not config.gvar.measure_every:
         raise ValueError(
@@ -56,8 +59,9 @@ def compare_samplers(config, workdir: str) -> dict:
         result = train.train_and_evaluate(run_config, run_dir)
         if result["preempted"]:
             return {"preempted": True}
-        rows = [m for m in jt.read_metrics(run_dir) if "train_loss" in m]
-        curves[sampler] = [{**m, "examples": m["step"] * config.batch_size} for m in rows]
+        curves[sampler] = [
+            {**m, "examples": m["step"] * config.batch_size} for m in result["evaluations"]
+        ]
     if jax.process_index() == 0:
         plot_comparison(curves, os.path.join(workdir, PLOT), title=_title(config))
         with open(os.path.join(workdir, RESULTS), "w") as f:
@@ -100,8 +104,9 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)
+    cluster_flags.initialize()  # several processes: join them first
     curves = compare_samplers(_CONFIG.value, _WORKDIR.value)
-    if curves.get("preempted"):
+    if curves.get("preempted") or jax.process_index() != 0:
         return
     print(f"{'sampler':<10}{'examples':>10}{'train loss':>12}{'test acc.':>10}")
     for sampler, rows in curves.items():

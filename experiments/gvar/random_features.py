@@ -63,6 +63,11 @@ the train/test loss and accuracy); ``results.json`` (the summary);
 ``random_features.png`` (variance and normalised variance against ``hidden / N``, one
 panel per learning rate, one line per estimator, error bars over seeds).
 
+On many processes (``python -m experiments.launch.local --num_processes 2 -- python -m
+experiments.gvar.random_features ...``, or a pod) every process runs the whole sweep on
+one device of its own, with the same seeds and keys, so every process returns the same
+numbers; process 0 alone writes the files, and decides whether the workdir is free.
+
 The module reads top to bottom: config, data, model, training, measurement, one run,
 summary, plot, sweep, entry point.
 """
@@ -85,6 +90,7 @@ from flax import nnx
 from jaxeff import clustering, gvar
 from jaxeff import train as jt
 from jaxeff.clustering.sampling import ALLOCATIONS
+from jaxeff.train import distributed
 
 __all__ = [
     "ESTIMATORS",
@@ -729,7 +735,8 @@ def run_sweep(config, workdir: str) -> dict[str, Any]:
     Args:
       config: see ``experiments/gvar/configs/random_features.py``.
       workdir: directory for the outputs (see the module docstring); one that already
-        holds this sweep's records is refused (the sweep does not resume).
+        holds this sweep's records is refused (the sweep does not resume). Written by
+        process 0 alone.
 
     Returns:
       ``{"summary": summarize(...), "records": all records, "table": format_table(...),
@@ -744,13 +751,17 @@ def run_sweep(config, workdir: str) -> dict[str, Any]:
     # Config and workdir -------------------------------------------------------------------
     validate_config(config)
     begin = time.time()
-    os.makedirs(workdir, exist_ok=True)
     records_path = os.path.join(workdir, RECORDS)
-    if os.path.exists(records_path):
-        raise ValueError(
-            f"{workdir} already holds a random-features sweep ({RECORDS}); use a new workdir."
-        )
-    jt.config_to_json(config, os.path.join(workdir, "config.json"))
+
+    def claim_workdir():
+        if os.path.exists(records_path):
+            raise ValueError(
+                f"{workdir} already holds a random-features sweep ({RECORDS}); use a new workdir."
+            )
+        jt.config_to_json(config, os.path.join(workdir, "config.json"))
+
+    # Process 0 alone looks at the workdir and writes to it; the others learn its verdict.
+    distributed.broadcast_from_process_zero(claim_workdir)
     # Ordered so that the runs of one (ratio, seed), which share the fixed features, share
     # their estimators and so compile the measurement once.
     runs = [
@@ -799,17 +810,18 @@ def run_sweep(config, workdir: str) -> dict[str, Any]:
     summary = summarize(config, records)
     table = "\n\n".join(format_table(summary, stat) for stat in SUMMARY_STATS)
     seconds = time.time() - begin
-    with open(os.path.join(workdir, RESULTS), "w", encoding="utf-8") as f:
-        json.dump({"summary": summary, "seconds": seconds}, f, indent=2)
-    hidden_or_n = "hidden" if config.vary == "num_examples" else "N"
-    plot_sweep(
-        summary,
-        os.path.join(workdir, PLOT),
-        title=(
-            f"random features, {hidden_or_n} = {config.size}, d = {config.data.dim}, "
-            f"B = {config.batch_size}, K = {config.gvar.num_clusters}"
-        ),
-    )
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, RESULTS), "w", encoding="utf-8") as f:
+            json.dump({"summary": summary, "seconds": seconds}, f, indent=2)
+        hidden_or_n = "hidden" if config.vary == "num_examples" else "N"
+        plot_sweep(
+            summary,
+            os.path.join(workdir, PLOT),
+            title=(
+                f"random features, {hidden_or_n} = {config.size}, d = {config.data.dim}, "
+                f"B = {config.batch_size}, K = {config.gvar.num_clusters}"
+            ),
+        )
     return {"summary": summary, "records": records, "table": table, "seconds": seconds}
 
 
@@ -822,7 +834,10 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)
+    cluster_flags.initialize()  # several processes: join them first
     results = run_sweep(_CONFIG.value, _WORKDIR.value)
+    if jax.process_index() != 0:
+        return
     print(results["table"])
     print(f"{len(results['records'])} records in {results['seconds']:.1f} s")
 
@@ -830,6 +845,8 @@ def main(argv):
 if __name__ == "__main__":
     from absl import app, flags
     from ml_collections import config_flags
+
+    from experiments.launch import cluster_flags
 
     _CONFIG = config_flags.DEFINE_config_file(
         "config", None, "Sweep configuration.", lock_config=True

@@ -33,6 +33,15 @@ stratified over gradient clusters (:class:`jaxeff.clustering.StratifiedSampler`,
 steps from the previous centres. Both see ``batch_size`` examples per step, so their loss
 curves compare at equal numbers of examples seen.
 
+On many hosts (``jaxeff.train.distributed.initialize_distributed`` first, as the entry
+points do) the same code runs on every process: each loads the training set, feeds its
+share of every global batch (its rows of the epoch's batch, or its slots of the stratified
+batch) to the data-parallel step over every device of every process, and repeats the
+clustering, the measurement and the evaluation on one device of its own, at the same
+parameters with the same keys, so every process holds the same numbers. Process 0 alone
+writes files, and no process reads one back: the records and evaluations travel in
+memory and in the checkpoints.
+
 The loop reads top to bottom: config, data, model and optimizer, sharding, update step,
 measurement, checkpoint/resume, loop, results.
 """
@@ -55,6 +64,7 @@ from experiments.gvar import models
 from jaxeff import clustering, gvar
 from jaxeff import train as jt
 from jaxeff.data import classification, digits, mnist_cifar
+from jaxeff.train import distributed
 
 #: Estimators a run can measure (``config.gvar.estimators``).
 ESTIMATORS = ("sgd", "sgd_2b", "svrg", "gc", "importance")
@@ -421,16 +431,22 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
     and the train/test loss and accuracy); ``gvar.jsonl`` (one record per measured step
     and estimator, :func:`jaxeff.gvar.read_records`); ``gvar.png`` (variance and
     normalised variance against the step, one line per estimator); ``results.json``.
+    Process 0 alone writes them; on many processes every process returns the same results
+    (see the module docstring).
 
     Returns:
-      ``{"records": [variance records], "final": {train/test metrics}, "params": final
-      parameters (host), "steps_per_epoch": int, "preempted": False}``, or
-      ``{"preempted": True, "step": int}``.
+      ``{"records": [variance records], "evaluations": [{"step", train/test metrics} at
+      each measured step], "final": {train/test metrics}, "params": final parameters
+      (host), "steps_per_epoch": int, "preempted": False}``, or ``{"preempted": True,
+      "step": int}``.
     """
     # Config: checked, and bound to the workdir, before anything is built ----------------
     validate_config(config)
-    changes = jt.bind_config_to_workdir(
-        config, workdir, may_differ=RESUMABLE_FIELDS, allow_changes=allow_config_change
+    # Process 0 alone reads and writes config.json; the others learn its verdict.
+    changes = distributed.broadcast_from_process_zero(
+        lambda: jt.bind_config_to_workdir(
+            config, workdir, may_differ=RESUMABLE_FIELDS, allow_changes=allow_config_change
+        )
     )
     if changes:
         jt.announce(f"Continuing {workdir} with changed config fields: {', '.join(changes)}.")
@@ -524,17 +540,24 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
         batch["weights"] = sample.weights
         return batch
 
-    # Checkpoint: resume from the latest (train state + SVRG snapshot) --------------------
+    # Checkpoint: resume from the latest (train state, SVRG snapshot, sampler, clusters) ---
+    # Every process saves and restores (orbax's multi-host path). The train state is
+    # replicated over the mesh; the SVRG snapshot and the clusters live on one device of
+    # each process, the same on all, and are saved as host arrays, written by process 0.
     ckpt = jt.Checkpointer(os.path.join(workdir, "checkpoints"))
     svrg_state, svrg_step = None, None
+    # The run's own record travels with its checkpoints (no process reads the logs back).
+    records, evaluations = [], []
 
     def checkpoint_tree(state, svrg_state, gc_clusters):
         tree = {"train": state}
         if use_svrg:
-            tree["svrg"] = {"params": svrg_state.params, "mean_grad": svrg_state.mean_grad}
+            tree["svrg"] = jax.device_get(
+                {"params": svrg_state.params, "mean_grad": svrg_state.mean_grad}
+            )
         if use_gc_sampler:  # the data order depends on the clusters: save both
             tree["sampler"] = sampler.get_state()
-            tree["clusters"] = gc_clusters
+            tree["clusters"] = jax.device_get(gc_clusters)
         return tree
 
     if ckpt.latest_step is not None:
@@ -550,12 +573,15 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
         target = checkpoint_tree(state, gvar.SVRGState(params_here, params_here), empty_clusters)
         restored, extra = ckpt.restore(target)
         state = restored["train"]
+        records, evaluations = extra["records"], extra["evaluations"]
         if use_svrg:
-            svrg_state = gvar.SVRGState(restored["svrg"]["params"], restored["svrg"]["mean_grad"])
+            svrg_state = jax.device_put(
+                gvar.SVRGState(restored["svrg"]["params"], restored["svrg"]["mean_grad"]), device
+            )
             svrg_step = extra["svrg_step"]
         if use_gc_sampler:
             sampler.set_state(restored["sampler"])
-            gc_clusters = restored["clusters"]
+            gc_clusters = jax.device_put(restored["clusters"], device)
         jt.announce(f"Resumed from step {int(state.step)} of {config.num_steps} ({workdir}).")
     start = int(state.step)
     jt.announce(
@@ -568,7 +594,8 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
     records_path = os.path.join(workdir, RECORDS)
 
     def measure(step: int, state) -> dict[str, float]:
-        """Measures every estimator at ``state``'s parameters; returns the eval metrics."""
+        """Measures every estimator at ``state``'s parameters, adds the records and the
+        evaluation of ``step`` (in place of any earlier ones); returns the eval metrics."""
         params = measurement_params(state)
         states = dict(stateless)
         active = {n: e for n, e in estimators.items() if n != "svrg"}
@@ -590,20 +617,22 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
             stats[EXACT] = gvar.exact_variance(
                 moments, batch_size=config.batch_size, replace=config.gvar.replace
             )
-        records = []
+        new = []
         for name in [n for n in (*names, EXACT) if n in stats]:
             check_stats(step, name, stats[name])
             batch_size = config.batch_size if name == EXACT else batch_size_of(config, name)
-            records.append(gvar.stats_record(step, name, stats[name], batch_size=batch_size))
+            new.append(gvar.stats_record(step, name, stats[name], batch_size=batch_size))
         scores = {
             f"train_{k}": v for k, v in evaluate(params, model_state, train_on_device).items()
         }
         scores.update(
             {f"test_{k}": v for k, v in evaluate(params, model_state, test_on_device).items()}
         )
-        gvar.append_records(records_path, records)
-        flat = {f"gvar/{r['estimator']}/{s}": r[s] for r in records for s in gvar.STATISTICS}
+        gvar.append_records(records_path, new)  # process 0 only
+        flat = {f"gvar/{r['estimator']}/{s}": r[s] for r in new for s in gvar.STATISTICS}
         writer.write(step, {**flat, **scores})
+        records[:] = [r for r in records if r["step"] != step] + new
+        evaluations[:] = [e for e in evaluations if e["step"] != step] + [{"step": step, **scores}]
         return scores
 
     # Loop -------------------------------------------------------------------------------
@@ -641,14 +670,14 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
                 ckpt.save(
                     done,
                     checkpoint_tree(state, svrg_state, gc_clusters),
-                    extra={"svrg_step": svrg_step},
+                    extra={"svrg_step": svrg_step, "records": records, "evaluations": evaluations},
                 )
             ckpt.check_for_errors()  # a failed background save stops the run here
             bar.update(1)
             if stop:
                 writer.close()
                 ckpt.close()
-                _plot(workdir, config)
+                _plot(workdir, config, records)
                 jt.announce(
                     f"Preempted at step {done}: checkpoint saved in {workdir}; run the same "
                     "command again to resume."
@@ -664,10 +693,8 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
         )
     ckpt.wait_until_finished()
 
-    # Results ----------------------------------------------------------------------------
-    records = gvar.read_records(records_path) if measuring else []
-    if measuring:
-        _plot(workdir, config)
+    # Results (from memory: every process returns the same) ------------------------------
+    _plot(workdir, config, records)
     if jax.process_index() == 0:
         with open(os.path.join(workdir, RESULTS), "w") as f:
             json.dump({"final": final, "steps": config.num_steps}, f, indent=2)
@@ -675,6 +702,7 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
     ckpt.close()
     return {
         "records": records,
+        "evaluations": evaluations,
         "final": final,
         "params": jax.device_get(state.params),
         "steps_per_epoch": batches.steps_per_epoch,
@@ -704,12 +732,9 @@ def _mesh_devices(batch_size: int):
     return devices[:count]
 
 
-def _plot(workdir: str, config) -> None:
-    path = os.path.join(workdir, RECORDS)
-    if jax.process_index() != 0 or not os.path.exists(path):
-        return
-    records = gvar.read_records(path)
-    if records:
+def _plot(workdir: str, config, records) -> None:
+    """``gvar.png`` of the run's records so far (process 0)."""
+    if jax.process_index() == 0 and records:
         gvar.plot_records(
             records,
             os.path.join(workdir, PLOT),

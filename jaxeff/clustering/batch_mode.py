@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from jaxeff.clustering.centres import (
     AssignmentCounts,
@@ -76,6 +77,14 @@ def batch_update(state: ClusterState, sums: ClusterSums, *, min_fraction: float)
     }
     centres, sizes = split_small_clusters(centres, sums.counts, sums, min_fraction=min_fraction)
     return ClusterState(centres, sizes, state.count + 1)
+
+
+def _on_host(x) -> np.ndarray:
+    """``x`` as numpy, on every process also when its rows are spread over processes (then a
+    collective: every process passes its part)."""
+    if isinstance(x, jax.Array) and not (x.is_fully_addressable or x.is_fully_replicated):
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "loss_fn", "size_weighted"))
@@ -162,7 +171,9 @@ def clustering_pass(
     batch to batch. Each batch is assigned with ``state`` (its per-example statistics computed with
     ``directions=state.centres``, jit-compiled, no per-example gradient formed), its
     :class:`ClusterSums` are added up, and :func:`batch_update` makes the new state. The
-    batches may be sharded over devices; the sums are the same numbers.
+    batches may be sharded over devices, and over the processes of a multi-process run
+    (every process calls the pass with its part); the sums are the same numbers, and every
+    process gets all the assignments.
 
     Args:
       model: the ``nnx.Module`` at the parameters to cluster the gradients of.
@@ -199,8 +210,8 @@ def clustering_pass(
             size_weighted=size_weighted,
         )
         total = _add_sums_jit(total, sums)
-        assignments = np.asarray(jax.device_get(assignments))
-        parts.append(assignments if mask is None else assignments[np.asarray(mask, bool)])
+        assignments = _on_host(assignments)  # the whole batch's, also on many processes
+        parts.append(assignments if mask is None else assignments[_on_host(mask).astype(bool)])
     if not parts:
         raise ValueError("`batches` is empty; a pass needs at least one batch.")
     new_state = _batch_update_jit(state, total, min_fraction=min_fraction)

@@ -32,6 +32,7 @@ from jaxeff.clustering.batch_mode import clustering_pass, init_clusters
 from jaxeff.clustering.centres import ClusterState
 from jaxeff.clustering.sampling import importance_sample, stratified_sample
 from jaxeff.pergrad import per_example_stats
+from jaxeff.pergrad.chunks import take_rows
 
 __all__ = [
     "GCEstimatorState",
@@ -57,7 +58,7 @@ def _chunks(data, chunk_size: int):
     for start in range(0, size, chunk_size):
         stop = min(start + chunk_size, size)
         rows = np.arange(start, start + chunk_size) % size  # pad with the first rows
-        chunk = jax.tree.map(lambda x, rows=rows: x[rows], data)
+        chunk = jax.tree.map(lambda x, rows=rows: take_rows(x, rows), data)
         yield {"batch": chunk, "mask": np.arange(start, start + chunk_size) < stop}
 
 
@@ -111,7 +112,7 @@ def cluster_examples(
     loss = _unwrap(loss_fn)
     if state is None:
         rows = np.asarray(jax.random.permutation(key, size))[: max(chunk, num_clusters)]
-        seed_batch = {"batch": jax.tree.map(lambda x: x[rows], data)}
+        seed_batch = {"batch": jax.tree.map(lambda x: take_rows(x, rows), data)}
         state = init_clusters(
             model, loss, seed_batch, num_clusters=num_clusters, key=key, layers=layers
         )

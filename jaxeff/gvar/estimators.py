@@ -49,6 +49,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxeff.pergrad.chunks import take_rows
+
 __all__ = [
     "GradientEstimator",
     "SVRGState",
@@ -147,7 +149,7 @@ def weighted_gradient(loss_fn: LossFn, params, data, sample: Sample):
             f"`sample` indices and weights must both have shape (b,), got "
             f"{indices.shape} and {weights.shape}."
         )
-    batch = jax.tree.map(lambda x: jnp.take(x, indices, axis=0), data)
+    batch = jax.tree.map(lambda x: take_rows(x, indices), data)
 
     def weighted_loss(params):
         losses = loss_fn(params, batch)

@@ -12,6 +12,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -21,6 +22,7 @@ __all__ = [
     "replicated_like",
     "split_chunks",
     "sum_over_examples",
+    "take_rows",
 ]
 
 
@@ -54,6 +56,22 @@ def replicated_like(x) -> dict:
     if mesh is None:
         return {}
     return {"out_sharding": NamedSharding(mesh, P())}
+
+
+def take_rows(x, rows):
+    """``x[rows]`` along the leading axis; replicated when ``x`` is sharded over explicit axes.
+
+    On a mesh with explicit axes a gather from a batch-sharded array must name its output
+    sharding (the rows may come from any device); they come out replicated. Elsewhere
+    this is ``jnp.take(x, rows, axis=0)``, or numpy indexing when both are numpy (host
+    data stays on the host).
+    """
+    out = replicated_like(x)
+    if out:
+        return x.at[rows].get(mode="fill", **out)
+    if isinstance(x, np.ndarray) and isinstance(rows, np.ndarray):
+        return x[rows]
+    return jnp.take(x, rows, axis=0)
 
 
 def examples_per_device_step(x) -> int:
