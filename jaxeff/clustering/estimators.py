@@ -28,7 +28,7 @@ import numpy as np
 from flax import nnx
 
 from jaxeff import gvar
-from jaxeff.clustering.batch_mode import clustering_pass, init_clusters
+from jaxeff.clustering.batch_mode import _on_host, clustering_pass, init_clusters
 from jaxeff.clustering.centres import ClusterState
 from jaxeff.clustering.sampling import importance_sample, stratified_sample
 from jaxeff.pergrad import per_example_stats
@@ -216,7 +216,7 @@ def example_scores(
     for part in _chunks(data, min(chunk_size, size)):
         stats = per_example_stats(model, loss_fn, part["batch"], with_sum_sq=False)
         values = jnp.sqrt(stats.total_sq_norms) if score == "grad_norm" else stats.losses
-        parts.append(np.asarray(values)[part["mask"]])
+        parts.append(_on_host(values)[part["mask"]])  # also when spread over processes
     return jnp.asarray(np.concatenate(parts))
 
 
