@@ -3,11 +3,20 @@
 The perturbations are checked against an independent numpy reference (the per-channel
 orthonormal 2-D DFT written with ``np.fft``); a linear model in the same pipeline is
 checked against its exact robust accuracy (:func:`jaxeff.robust.certified_radius`).
+
+The tiny digits run on the 8 forced CPU devices of the test process is also run through
+``python -m experiments.robust_cnn.main``: as two processes of one CPU device each (under
+``experiments.launch.local``) and as one process of one device, with the same numbers,
+with only process 0 writing files and no process reading one back (every file access
+recorded with Python's audit hooks).
 """
 
 import json
 import os
 import re
+import subprocess
+import sys
+import textwrap
 
 import jax
 import numpy as np
@@ -20,8 +29,27 @@ from experiments.robust_cnn.configs import cifar10, default, linear
 from jaxeff import robust
 from jaxeff import train as jt
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG = b"\x89PNG\r\n\x1a\n"
 EPS = {"linf": (0.0, 0.03, 0.1), "l2": (0.0, 0.3, 1.0), "fourier_inf": (0.0, 0.03, 0.1)}
+#: The tiny digits run: config fields as ``override`` keywords.
+TINY = dict(
+    data__max_examples=200,
+    model__features=(8, 16),
+    model__dense=32,
+    batch_size=32,
+    learning_rate=0.01,
+    num_steps=24,
+    log_every=8,
+    checkpoint_every=12,
+    eval__num_examples=40,
+    eval__save_examples=40,
+    attack__steps=3,
+    attack__step_size=0.5,
+    attack__batch_size=40,
+    attack__spectrum_eps=0.1,
+    **{f"attack__eps__{name}": grid for name, grid in EPS.items()},
+)
 
 
 def override(config, **fields):
@@ -35,27 +63,12 @@ def override(config, **fields):
 
 
 def tiny_digits(**fields):
-    config = default.get_config()
-    override(
-        config,
-        data__max_examples=200,
-        model__features=(8, 16),
-        model__dense=32,
-        batch_size=32,
-        learning_rate=0.01,
-        num_steps=24,
-        log_every=8,
-        checkpoint_every=12,
-        eval__num_examples=40,
-        eval__save_examples=40,
-        attack__steps=3,
-        attack__step_size=0.5,
-        attack__batch_size=40,
-        attack__spectrum_eps=0.1,
-    )
-    for name, grid in EPS.items():
-        config.attack.eps[name] = grid
-    return override(config, **fields)
+    return override(default.get_config(), **{**TINY, **fields})
+
+
+def tiny_flags():
+    """The tiny digits run as ``--config.<field>=<value>`` overrides of configs/default.py."""
+    return [f"--config.{key.replace('__', '.')}={value!r}" for key, value in TINY.items()]
 
 
 def dft_modulus(delta):
@@ -195,6 +208,200 @@ def test_rerun_skips_training_and_resumed_training_matches(digits_run, tmp_path)
     ):
         np.testing.assert_array_equal(a, b)
     assert resumed["attacks"]["linf"] == first["attacks"]["linf"]
+
+
+# ----------------------------------------------------------------------------- many processes
+
+#: ``python -c`` program run by each launched process: ``python -m
+#: experiments.robust_cnn.main`` with the flags that follow the repository root and a log
+#: directory, recording every file opened, renamed, made or removed under the workdir
+#: (Python's audit hooks) into ``<log dir>/files<process id>.json`` at exit.
+AUDITED_MAIN = textwrap.dedent(
+    """
+    import atexit, json, os, runpy, sys
+    root, log_dir = sys.argv.pop(1), sys.argv.pop(1)
+    sys.path.insert(0, root)
+    workdir = [a.split("=", 1)[1] for a in sys.argv if a.startswith("--workdir=")][0]
+    prefix = os.path.abspath(workdir) + os.sep
+    accesses = set()
+
+    def hook(event, args):
+        if event == "open" and isinstance(args[0], (str, bytes, os.PathLike)):
+            path, mode, flags = args
+            write = (mode is not None and any(c in mode for c in "wax+")) or (
+                mode is None and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT))
+        elif event in ("os.rename", "os.mkdir", "os.remove", "os.rmdir", "shutil.rmtree"):
+            path, write = args[0], True
+        else:
+            return
+        path = os.path.abspath(os.fsdecode(path))
+        if path.startswith(prefix):
+            accesses.add(("write" if write else "read", path[len(prefix):]))
+
+    def save():
+        name = "files%s.json" % os.environ["JAXEFF_PROCESS_ID"]
+        with open(os.path.join(log_dir, name), "w") as f:
+            json.dump(sorted(accesses), f)
+
+    atexit.register(save)
+    sys.addaudithook(hook)
+    runpy.run_module("experiments.robust_cnn.main", run_name="__main__", alter_sys=True)
+    """
+)
+#: Files of the workdir that process 0 writes for itself.
+OWN_FILES = (
+    "config.json",
+    "metrics.jsonl",
+    train.RESULTS,
+    train.ATTACKS,
+    train.ROBUST_PLOT,
+    train.SPECTRUM_PLOT,
+)
+
+
+@pytest.fixture(scope="module")
+def launched_runs(tmp_path_factory):
+    """``{"two_processes": (workdir, logs), "one_device": (workdir, logs)}``: the tiny digits
+    run launched as 2 processes of 1 CPU device, and meanwhile as 1 process of 1 device."""
+    from experiments.launch import local
+
+    root = tmp_path_factory.mktemp("robust_cnn_launched")
+    config = os.path.join(ROOT, "experiments/robust_cnn/configs/default.py")
+
+    def command(name):
+        workdir, logs = root / name, root / f"{name}_logs"
+        logs.mkdir()
+        flags = [f"--config={config}", f"--workdir={workdir}", *tiny_flags()]
+        return [sys.executable, "-c", AUDITED_MAIN, ROOT, str(logs), *flags], workdir, logs
+
+    one, one_workdir, one_logs = command("one_device")
+    env = local.process_env(0, 1, local.free_port(), cpu_devices=1)  # a single process
+    with open(one_logs / "process0.out", "w") as out, open(one_logs / "process0.err", "w") as err:
+        single = subprocess.Popen(one, env=env, stdout=out, stderr=err)
+    try:
+        two, two_workdir, two_logs = command("two_processes")
+        outcome = local.launch(two, num_processes=2, cpu_devices=1, log_dir=str(two_logs))
+        errors = [(two_logs / f"process{i}.err").read_text()[-3000:] for i in range(2)]
+        assert outcome == ([0, 0], None), errors
+        single.wait(timeout=300)
+    finally:
+        if single.poll() is None:
+            single.kill()
+        single.wait()
+    assert single.returncode == 0, (one_logs / "process0.err").read_text()[-3000:]
+    return {"two_processes": (two_workdir, two_logs), "one_device": (one_workdir, one_logs)}
+
+
+def assert_numbers_close(got, want, where="results"):
+    """Nested dicts and lists with the same keys, lengths and strings, numbers within
+    float rounding."""
+    if isinstance(want, dict):
+        assert isinstance(got, dict) and got.keys() == want.keys(), where
+        for key in want:
+            assert_numbers_close(got[key], want[key], f"{where}.{key}")
+    elif isinstance(want, list):
+        assert isinstance(got, list) and len(got) == len(want), where
+        for i, (a, b) in enumerate(zip(got, want, strict=True)):
+            assert_numbers_close(a, b, f"{where}[{i}]")
+    elif isinstance(want, float):
+        assert got == pytest.approx(want, rel=1e-6, abs=1e-9), where
+    else:
+        assert got == want, where
+
+
+def assert_same_run(workdir, want_run):
+    """The results, saved attacks and training curve of a run of the tiny digits config
+    equal those of ``want_run`` (``digits_run``: its workdir and what it returned)."""
+    want_workdir, results = want_run
+    got = json.load(open(os.path.join(workdir, train.RESULTS)))
+    want = {k: v for k, v in results.items() if k not in ("params", "preempted", "times")}
+    want["spectrum"] = {
+        name: {k: v for k, v in spectrum.items() if k != "mean_abs"}
+        for name, spectrum in results["spectrum"].items()
+    }
+    del got["times"]
+    assert_numbers_close(got, json.loads(json.dumps(want)))
+    saved, expected = (np.load(os.path.join(w, train.ATTACKS)) for w in (workdir, want_workdir))
+    assert sorted(saved.files) == sorted(expected.files)
+    for name in expected.files:
+        if expected[name].dtype.kind in "biu":  # successes, indices, labels: exactly
+            np.testing.assert_array_equal(saved[name], expected[name], err_msg=name)
+        else:  # perturbations and spectra: up to float rounding
+            np.testing.assert_allclose(saved[name], expected[name], rtol=1e-5, atol=1e-6)
+    # Every point's attack moved it, so the perturbations compared are not all zero.
+    assert np.all(np.abs(expected["linf/delta"][-1]).max(axis=(1, 2, 3)) > 0.05)
+    losses, expected_losses = (
+        [m for m in jt.read_metrics(w) if "loss" in m] for w in (workdir, want_workdir)
+    )
+    assert_numbers_close(losses, expected_losses, "metrics")
+
+
+@pytest.mark.filterwarnings("ignore:os.fork:RuntimeWarning")
+def test_two_processes_give_the_one_process_run_and_only_process_zero_writes(
+    digits_run, launched_runs
+):
+    """Data-parallel training over both processes, the attacks split by rows and gathered:
+    the numbers of the single process (on 8 devices), written by process 0 alone."""
+    workdir, logs = launched_runs["two_processes"]
+    # The flags gave the tiny config.
+    assert json.load(open(workdir / "config.json")) == json.loads(jt.config_to_json(tiny_digits()))
+    assert_same_run(str(workdir), digits_run)
+    printed = [(logs / f"process{i}.out").read_text() for i in range(2)]
+    assert "robust accuracy" in printed[0] and "clean accuracy" in printed[0]
+    assert "clean accuracy" not in printed[1]  # process 0 alone prints the table
+    zero, one = ({tuple(a) for a in json.load(open(logs / f"files{i}.json"))} for i in range(2))
+    written = {path for kind, path in zero if kind == "write"}
+    for name in OWN_FILES:
+        assert name in written or any(p.startswith(f"{name}.tmp") for p in written), name
+    assert any(p.startswith("tensorboard") for p in written)
+    # Process 1 writes nothing but its part of the checkpoints (orbax's multi-host protocol).
+    assert {p for kind, p in one if kind == "write" and not p.startswith("checkpoints")} == set()
+    for accesses in (zero, one):  # no process reads back a config, result or metric
+        read = {p for kind, p in accesses if kind == "read"}
+        assert not read & set(OWN_FILES), read
+        assert not any(p.startswith("tensorboard") for p in read), read
+
+
+@pytest.mark.filterwarnings("ignore:os.fork:RuntimeWarning")
+def test_eight_devices_give_the_one_device_run(digits_run, launched_runs):
+    """The in-process run trains on 8 devices and attacks 5 rows per device; one device
+    does all of it: the same numbers."""
+    assert len(train._train_devices(TINY["batch_size"])) == jax.device_count() == 8
+    assert train.split_rows(40, TINY["attack__batch_size"]).local_batch == 40
+    workdir, logs = launched_runs["one_device"]
+    assert_same_run(str(workdir), digits_run)
+    assert json.load(open(logs / "files0.json"))  # the audited main did run
+
+
+@pytest.mark.parametrize("num_rows, batch_size, devices", [(10, 4, 1), (9, 7, 2), (5, 100, 3)])
+def test_split_rows_gives_every_row_once_in_the_order_gather_rows_restores(
+    num_rows, batch_size, devices
+):
+    for processes in (1, 2, 3):
+        splits = [
+            train.split_rows(
+                num_rows,
+                batch_size,
+                process_index=p,
+                process_count=processes,
+                local_devices=devices,
+            )
+            for p in range(processes)
+        ]
+        s = splits[0].local_batch
+        # Whole devices, and the smallest global batch that holds min(batch_size, N) rows.
+        assert s % devices == 0 and processes * s >= min(batch_size, num_rows)
+        assert processes * (s - devices) < min(batch_size, num_rows)
+        # gather_rows's order: batch by batch, process by process, padding dropped.
+        order = []
+        for t in range(splits[0].num_batches):
+            for split in splits:
+                rows, mask = list(split.batches())[t]
+                assert len(rows) == s and np.all(rows[~mask] == 0)
+                order += rows[mask].tolist()
+        assert order == list(range(num_rows))
+    with pytest.raises(ValueError, match="process_index"):
+        train.split_rows(4, 2, process_index=2, process_count=2)
 
 
 # ----------------------------------------------------------------------------- linear

@@ -8,11 +8,21 @@ resumes training from its checkpoint, or skips finished training and attacks the
 model again (the ``attack`` and ``eval`` fields may change between runs). Results:
 ``DIR/results.json``, ``DIR/attacks.npz``, ``DIR/robust_accuracy.png``,
 ``DIR/spectrum.png``, ``DIR/metrics.jsonl`` + TensorBoard events.
+
+On several processes, start the same command on every one: on a Cloud TPU pod slice or
+under SLURM / Open MPI they find each other; elsewhere pass ``--coordinator_address``,
+``--num_processes`` and ``--process_id``, or start them all with ``python -m
+experiments.launch.local --num_processes N -- python -m experiments.robust_cnn.main ...``.
+Training is data parallel over every device, the attacks are split by rows over the
+processes, and process 0 alone prints and writes the results (the same as on one
+process). The workdir must be a directory every process sees.
 """
 
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from experiments.launch import cluster_flags
 from experiments.robust_cnn import plots, train
 
 __all__ = ["main"]
@@ -21,11 +31,12 @@ __all__ = ["main"]
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    cluster_flags.initialize()  # several processes: join them first
     logging.set_verbosity(logging.WARNING)  # keep checkpointing chatter out of the way
     results = train.train_and_evaluate(
         _CONFIG.value, _WORKDIR.value, allow_config_change=_ALLOW_CONFIG_CHANGE.value
     )
-    if results["preempted"]:
+    if results["preempted"] or jax.process_index() != 0:
         return
     print(
         f"clean accuracy {results['clean_accuracy']:.4f} "

@@ -30,6 +30,20 @@ attack toward each other class, Gowal et al., "An Alternative Surrogate Loss for
 Adversarial Testing", arXiv 1910.09338) reaches it exactly; with the box the closed form
 is a lower bound.
 
+On many processes (``jaxeff.train.distributed.initialize_distributed`` first, as
+``main.py`` does) the same code runs on every process. Training is data parallel over
+every device of every process: each process feeds its share of each global batch, the
+parameters are replicated, so the run trains the model of one process (the same batches,
+the same numbers up to the order of float reductions). The clean evaluation and the
+attacks are split by rows (:func:`split_rows`): each process attacks its slice of every
+global batch on its own devices, and the per-row results are reassembled in order on
+every process (:func:`jaxeff.train.distributed.gather_rows`). An attack's random start at
+a row depends only on the seed, the norm, the radius and the row's index in the test set
+(:func:`attack_batch`), so the curves, spectra and saved perturbations do not depend on
+how the rows are split over processes, devices or batches. Process 0 alone writes
+files, and no process reads one back: ``config.json`` is checked on process 0, which tells
+the others (:func:`jaxeff.train.distributed.broadcast_from_process_zero`).
+
 The run reads top to bottom: config, data, model and optimizer, sharding, update step,
 checkpoint (a rerun resumes, or skips finished training), loop, clean evaluation,
 attacks, results and plots.
@@ -54,16 +68,20 @@ from experiments.robust_cnn import models, plots
 from jaxeff import robust
 from jaxeff import train as jt
 from jaxeff.data import digits, mnist_cifar
+from jaxeff.train import distributed
 
 __all__ = [
     "NORMS",
     "AttackSettings",
+    "RowSplit",
+    "abs_spectra",
     "attack_batch",
     "attack_settings",
     "cumulative_success",
     "is_correct",
     "load_data",
     "mean_abs_spectrum",
+    "split_rows",
     "top_share",
     "train_and_evaluate",
     "validate_config",
@@ -78,10 +96,14 @@ LOSSES = ("cross_entropy", "margin")
 #: File names in the workdir.
 RESULTS, ATTACKS = "results.json", "attacks.npz"
 ROBUST_PLOT, SPECTRUM_PLOT = "robust_accuracy.png", "spectrum.png"
-#: PRNG of the initialisation and the attacks' random starts: XLA's RngBitGenerator, which
-#: compiles in a fraction of threefry's time on CPU (its numbers may differ across XLA
-#: versions and backends; a run's weights live in its checkpoint).
+#: PRNG of the initialisation: XLA's RngBitGenerator, which compiles in a fraction of
+#: threefry's time on CPU (its numbers may differ across XLA versions and backends; a
+#: run's weights live in its checkpoint).
 PRNG_IMPL = "rbg"
+#: PRNG of the attacks' random starts, one key per row: threefry, whose numbers for a key
+#: do not depend on the other keys drawn with it in one batched (vmapped) call, nor on
+#: the sharding (RngBitGenerator's do), so neither does a row's attack.
+ATTACK_PRNG_IMPL = "threefry2x32"
 #: Share of the spectrum's coefficients whose energy share ``results.json`` reports.
 TOP_FRACTION = 0.1
 # Fields a rerun in the same workdir may change: none changes what training computes
@@ -219,8 +241,11 @@ def validate_config(config) -> None:
             "config.attack.multi_targeted attacks the margin z_t - z_y toward each other "
             "class t; set config.attack.loss='margin'."
         )
-    if jax.process_count() > 1:
-        raise ValueError("experiments.robust_cnn runs on one process (any number of devices).")
+    if jax.process_count() > 1 and config.batch_size % jax.device_count():
+        raise ValueError(
+            f"config.batch_size ({config.batch_size}) must be divisible by the "
+            f"{jax.device_count()} devices of a multi-process run."
+        )
 
 
 # ----------------------------------------------------------------------------------------
@@ -260,13 +285,74 @@ def batch_indices(size: int, batch_size: int, seed: int, step: int) -> np.ndarra
     return order[position * batch_size : (position + 1) * batch_size]
 
 
-def padded_batches(num: int, batch_size: int):
-    """``(rows, count)`` per batch: ``batch_size`` row indices, the last batch padded with
-    row 0, and how many of them are real (every call then has one shape)."""
-    for start in range(0, num, batch_size):
-        rows = np.arange(start, min(start + batch_size, num))
-        count = len(rows)
-        yield np.concatenate([rows, np.zeros(batch_size - count, rows.dtype)]), count
+class RowSplit(NamedTuple):
+    """This process's rows of an evaluation split over processes (:func:`split_rows`)."""
+
+    rows: np.ndarray  # (num_batches · local_batch,) row indices, padding rows point at 0
+    mask: np.ndarray  # (num_batches · local_batch,) bool, false on padding rows
+    num_batches: int  # global batches, each of num_processes · local_batch rows
+    local_batch: int  # rows of each global batch this process computes
+
+    def batches(self):
+        """``(rows, mask)`` of each global batch, this process's slice: one shape for all."""
+        for t in range(self.num_batches):
+            part = slice(t * self.local_batch, (t + 1) * self.local_batch)
+            yield self.rows[part], self.mask[part]
+
+
+def split_rows(
+    num_rows: int,
+    batch_size: int,
+    *,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    local_devices: int | None = None,
+) -> RowSplit:
+    """The rows process ``p`` of ``P`` computes: its slice of every global batch.
+
+    The rows ``0 .. N-1`` are cut into ``T = ceil(N / G)`` global batches of ``G = P·s``
+    rows, ``s`` the smallest multiple of the process's device count ``L`` with ``P·s >=
+    min(batch_size, N)``; process ``p`` computes rows ``[t·G + p·s, t·G + (p+1)·s)`` of
+    batch ``t``, those past ``N`` padded (with row 0) and masked out. This is the layout
+    :func:`jaxeff.train.distributed.gather_rows` reassembles.
+
+    Args:
+      num_rows: ``N >= 1``.
+      batch_size: the requested rows per global batch (rounded up to whole devices).
+      process_index: ``p``; default ``jax.process_index()``.
+      process_count: ``P``; default ``jax.process_count()``.
+      local_devices: ``L``; default ``jax.local_device_count()``.
+
+    Returns:
+      A :class:`RowSplit`.
+    """
+    p = jax.process_index() if process_index is None else process_index
+    count = jax.process_count() if process_count is None else process_count
+    devices = jax.local_device_count() if local_devices is None else local_devices
+    if num_rows < 1 or batch_size < 1 or devices < 1 or not 0 <= p < count:
+        raise ValueError(
+            f"split_rows needs num_rows >= 1, batch_size >= 1, local_devices >= 1 and "
+            f"0 <= process_index < process_count, got {num_rows}, {batch_size}, {devices}, "
+            f"{p}, {count}."
+        )
+    local_batch = -(-min(batch_size, num_rows) // (count * devices)) * devices
+    global_batch = count * local_batch
+    num_batches = -(-num_rows // global_batch)
+    starts = np.arange(num_batches)[:, None] * global_batch + p * local_batch
+    rows = (starts + np.arange(local_batch)[None, :]).reshape(-1)
+    mask = rows < num_rows
+    return RowSplit(np.where(mask, rows, 0), mask, num_batches, local_batch)
+
+
+def _gather(local, split: RowSplit, *, num_batches: int | None = None) -> np.ndarray:
+    """Every process's rows of ``local`` (this process's ``split`` rows, in order) in
+    global order, padding removed; ``num_batches`` keeps only the first global batches."""
+    num_batches = split.num_batches if num_batches is None else num_batches
+    size = num_batches * split.local_batch
+    rows, _ = distributed.gather_rows(
+        np.asarray(local)[:size], split.mask[:size], num_batches=num_batches
+    )
+    return rows
 
 
 # ----------------------------------------------------------------------------------------
@@ -293,10 +379,13 @@ def train_loss(model, batch, hparams):
     return jnp.mean(loss), {"accuracy": accuracy}
 
 
-def _devices_dividing(size: int):
-    """The most local devices that divide ``size`` (one process)."""
+def _train_devices(batch_size: int):
+    """Every device of every process on several processes (``validate_config`` checks
+    that they divide the batch); on one, the most devices that divide the batch."""
     devices = jax.devices()
-    count = max(k for k in range(1, len(devices) + 1) if size % k == 0)
+    if jax.process_count() > 1:
+        return devices
+    count = max(k for k in range(1, len(devices) + 1) if batch_size % k == 0)
     return devices[:count]
 
 
@@ -334,49 +423,55 @@ def attack_settings(config, name: str, num_classes: int) -> AttackSettings:
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "settings"))
-def attack_batch(params, model_state, x, y, eps, key, *, graphdef, settings: AttackSettings):
+def attack_batch(params, model_state, x, y, index, eps, key, *, graphdef, settings: AttackSettings):
     """PGD on one batch: ``(x_adv, success)``, radius ``eps`` and step ``settings.step_size · ε``.
+
+    Each row is attacked on its own (``jax.vmap``), with its random starts drawn from
+    ``fold_in(key, index_i)``, ``index_i`` the row's number in the attacked set: a row's
+    attack does not depend on the other rows of its batch, so neither does it on how the
+    rows are cut into batches or split over devices and processes.
 
     Untargeted: one :func:`jaxeff.robust.pgd_attack` on ``settings.loss``. Multi-targeted:
     each example is attacked toward every other class ``t`` with the loss ``z_t - z_y`` (as
-    one batch ``K - 1`` times larger); the example is broken if any target succeeds, and its
+    one batch of ``K - 1`` copies); the example is broken if any target succeeds, and its
     ``x_adv`` is the first successful one, or the one with the largest margin
-    ``max_{j≠y} z_j - z_y`` if none succeeds. The data, radius, key and weights are traced:
-    one program per model structure, batch shape and settings.
+    ``max_{j≠y} z_j - z_y`` if none succeeds. The data, indices, radius, key and weights
+    are traced: one program per model structure, batch shape and settings.
     """
     s = settings
     model = nnx.merge(graphdef, params, model_state)
-    common = dict(
-        eps=eps,
-        p=s.p,
-        steps=s.steps,
-        step_size=s.step_size * eps,
-        restarts=s.restarts,
-        key=key if s.random_start else None,
-        clip=(0.0, 1.0) if s.clip else None,
-    )
-    if not s.multi_targeted:
-        result = robust.pgd_attack(model, x, y, loss=s.loss, **common)
-        return result.x_adv, result.success
-    k, batch = s.num_classes, x.shape[0]
-    xs, ys = jnp.repeat(x, k - 1, axis=0), jnp.repeat(y, k - 1)
-    targets = (ys + jnp.tile(jnp.arange(1, k), batch)) % k
 
-    def target_margin(logits, labels):
-        target = jnp.take_along_axis(logits, targets[:, None], axis=1)
-        true = jnp.take_along_axis(logits, labels[:, None], axis=1)
-        return (target - true)[:, 0]
+    def attack_row(x, y, row):
+        common = dict(
+            eps=eps,
+            p=s.p,
+            steps=s.steps,
+            step_size=s.step_size * eps,
+            restarts=s.restarts,
+            key=jax.random.fold_in(key, row) if s.random_start else None,
+            clip=(0.0, 1.0) if s.clip else None,
+        )
+        if not s.multi_targeted:
+            result = robust.pgd_attack(model, x[None], y[None], loss=s.loss, **common)
+            return result.x_adv[0], result.success[0]
+        k = s.num_classes
+        xs, ys = jnp.repeat(x[None], k - 1, axis=0), jnp.full((k - 1,), y)
+        targets = (y + jnp.arange(1, k)) % k
 
-    result = robust.pgd_attack(model, xs, ys, loss=target_margin, **common)
-    success = result.success.reshape(batch, k - 1)
-    logits = result.logits.reshape(batch, k - 1, k)
-    true = jnp.take_along_axis(logits, y[:, None, None], axis=2)[..., 0]
-    others = jnp.where(jnp.arange(k) == y[:, None, None], -jnp.inf, logits)
-    margin = jnp.max(others, axis=2) - true
-    broken = jnp.any(success, axis=1)
-    pick = jnp.where(broken, jnp.argmax(success, axis=1), jnp.argmax(margin, axis=1))
-    x_adv = result.x_adv.reshape(batch, k - 1, *x.shape[1:])[jnp.arange(batch), pick]
-    return x_adv, broken
+        def target_margin(logits, labels):
+            target = jnp.take_along_axis(logits, targets[:, None], axis=1)
+            true = jnp.take_along_axis(logits, labels[:, None], axis=1)
+            return (target - true)[:, 0]
+
+        result = robust.pgd_attack(model, xs, ys, loss=target_margin, **common)
+        true = result.logits[:, y]
+        others = jnp.where(jnp.arange(k) == y, -jnp.inf, result.logits)
+        margin = jnp.max(others, axis=1) - true
+        broken = jnp.any(result.success)
+        pick = jnp.where(broken, jnp.argmax(result.success), jnp.argmax(margin))
+        return result.x_adv[pick], broken
+
+    return jax.vmap(attack_row)(x, y, index)
 
 
 @functools.partial(jax.jit, static_argnames="graphdef")
@@ -411,12 +506,12 @@ def cumulative_success(success) -> np.ndarray:
     return np.logical_or.accumulate(success, axis=0)
 
 
-def mean_abs_spectrum(delta) -> np.ndarray:
-    """Mean modulus of the perturbations' DFT over examples and channels.
+def abs_spectra(delta) -> np.ndarray:
+    """Per example, the mean modulus of the perturbation's DFT over channels.
 
     .. math::
 
-      S[k] = \\frac{1}{N C} \\sum_{i, c} |(F \\delta_{i, :, :, c})[k]|
+      A_i[k] = \\frac{1}{C} \\sum_c |(F \\delta_{i, :, :, c})[k]|
 
     with ``F`` the orthonormal 2-D DFT of :func:`jaxeff.robust.dft` (per channel).
 
@@ -424,13 +519,31 @@ def mean_abs_spectrum(delta) -> np.ndarray:
       delta: ``(N, H, W, C)`` perturbations.
 
     Returns:
-      ``(H, W)``, zero frequency in the centre (``np.fft.fftshift``).
+      ``(N, H, W)``, zero frequency first (as ``np.fft.fft2``).
     """
     delta = np.asarray(delta)
     if delta.ndim != 4:
         raise ValueError(f"`delta` must be (N, H, W, C) perturbations, got shape {delta.shape}.")
-    modulus = np.abs(np.fft.fft2(delta, axes=(1, 2), norm="ortho"))
-    return np.fft.fftshift(modulus.mean(axis=(0, 3)))
+    return np.abs(np.fft.fft2(delta, axes=(1, 2), norm="ortho")).mean(axis=3)
+
+
+def mean_abs_spectrum(delta) -> np.ndarray:
+    """Mean modulus of the perturbations' DFT over examples and channels.
+
+    .. math::
+
+      S[k] = \\frac{1}{N C} \\sum_{i, c} |(F \\delta_{i, :, :, c})[k]|
+
+    with ``F`` the orthonormal 2-D DFT of :func:`jaxeff.robust.dft` (per channel): the mean
+    of :func:`abs_spectra` over examples.
+
+    Args:
+      delta: ``(N, H, W, C)`` perturbations.
+
+    Returns:
+      ``(H, W)``, zero frequency in the centre (``np.fft.fftshift``).
+    """
+    return np.fft.fftshift(abs_spectra(delta).mean(axis=0))
 
 
 def top_share(spectrum, fraction: float = TOP_FRACTION) -> float:
@@ -462,6 +575,8 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
     ``(E, N)``, ``<norm>/delta`` the perturbations of the first ``eval.save_examples``
     attacked points ``(E, n, H, W, C)``; ``index``, ``label`` and ``image`` of the attacked
     points); ``robust_accuracy.png``; ``spectrum.png`` (with both L∞ and Fourier-L∞).
+    On many processes process 0 alone writes them (orbax writes the checkpoints from every
+    process), and every process returns the same results, those of one process.
 
     Returns:
       ``{"clean_accuracy", "attacked_clean_accuracy", "num_attacked", "attacks": {norm:
@@ -478,8 +593,11 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
         + tuple(f"attack.{k}" for k in config.attack.keys())
         + tuple(f"attack.eps.{k}" for k in config.attack.eps.keys())
     )
-    changes = jt.bind_config_to_workdir(
-        config, workdir, may_differ=may_differ, allow_changes=allow_config_change
+    # Process 0 alone reads and writes config.json; the others learn its verdict.
+    changes = distributed.broadcast_from_process_zero(
+        lambda: jt.bind_config_to_workdir(
+            config, workdir, may_differ=may_differ, allow_changes=allow_config_change
+        )
     )
     if changes:
         jt.announce(f"Continuing {workdir} with changed config fields: {', '.join(changes)}.")
@@ -498,8 +616,8 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
     tx = optax.adam(config.learning_rate)
     graphdef, state = jt.create_train_state(model, tx)
 
-    # Sharding: parameters replicated, batch split along the data axis --------------------
-    mesh = jt.make_mesh(devices=_devices_dividing(config.batch_size))
+    # Sharding: parameters replicated, batch split along the data axis of every device ----
+    mesh = jt.make_mesh(devices=_train_devices(config.batch_size))
     state = jt.replicate(state, mesh)
     train_step = jt.make_train_step(
         graphdef,
@@ -533,6 +651,8 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
     ):
         for step in range(first_step, config.num_steps):
             rows = batch_indices(num_train, config.batch_size, config.seed, step)
+            share = config.batch_size // jax.process_count()  # this process's slice
+            rows = rows[jax.process_index() * share : (jax.process_index() + 1) * share]
             batch = {
                 "image": models.as_float(data.train["image"][rows]),
                 "label": data.train["label"][rows],
@@ -566,34 +686,36 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
     writer.close()
     train_seconds = time.perf_counter() - start_time
 
-    # Clean evaluation on one device ------------------------------------------------------
-    device = jax.devices()[0]
-    params = jax.device_put(jax.device_get(state.params), device)
-    model_state = jax.device_put(jax.device_get(state.model_state), device)
+    # Evaluation: each process's rows of every global batch on its own devices ----------
+    local_mesh = jt.make_mesh(devices=jax.local_devices())
+    params = jt.replicate(jax.device_get(state.params), local_mesh)
+    model_state = jt.replicate(jax.device_get(state.model_state), local_mesh)
     test_images, test_labels = data.test["image"], data.test["label"]
     num_test = len(test_labels)
-    correct = np.zeros(num_test, bool)
-    eval_rows = min(config.eval.batch_size, num_test)
-    for rows, count in padded_batches(num_test, eval_rows):
-        x, y = models.as_float(test_images[rows]), test_labels[rows].astype(np.int32)
-        right = is_correct(params, model_state, x, y, graphdef=graphdef)
-        correct[rows[:count]] = np.asarray(right)[:count]
+
+    # Clean accuracy ---------------------------------------------------------------------
+    split = split_rows(num_test, config.eval.batch_size)
+    right = []
+    for rows, _ in split.batches():
+        batch = {"x": models.as_float(test_images[rows]), "y": test_labels[rows].astype(np.int32)}
+        batch = jt.shard_batch(batch, local_mesh)
+        right.append(np.asarray(is_correct(params, model_state, **batch, graphdef=graphdef)))
+    correct = _gather(np.concatenate(right), split)
     clean_accuracy = float(np.mean(correct))
 
-    # Attacks: every norm, every radius, fixed-shape batches sharded over the devices -----
+    # Attacks: every norm, every radius, this process's rows of every global batch --------
     num_attacked = min(config.eval.num_examples or num_test, num_test)
     attacked = np.arange(num_attacked)
     x_all = models.as_float(test_images[attacked])
     y_all = test_labels[attacked].astype(np.int32)
-    attack_rows = min(config.attack.batch_size, num_attacked)
-    attack_mesh = jt.make_mesh(devices=_devices_dividing(attack_rows))
-    params_r = jt.replicate(params, attack_mesh)
-    model_state_r = jt.replicate(model_state, attack_mesh)
+    split = split_rows(num_attacked, config.attack.batch_size)
     saved = min(config.eval.save_examples, num_attacked)
-    key = jax.random.key(config.attack.seed, impl=PRNG_IMPL)
+    # The global batches that hold the saved points: only their perturbations are gathered.
+    saved_batches = -(-saved // (split.local_batch * jax.process_count()))
+    key = jax.random.key(config.attack.seed, impl=ATTACK_PRNG_IMPL)
     linear_weights = None  # (W, b) of a linear model: its exact robust accuracy
     if config.model.name == "linear":
-        linear_weights = nnx.merge(graphdef, params, model_state).weights()
+        linear_weights = nnx.merge(graphdef, *jax.device_get((params, model_state))).weights()
     arrays = {
         "index": attacked,
         "label": y_all,
@@ -603,32 +725,33 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
     spectrum_eps = config.attack.get("spectrum_eps")
     want_spectrum = all(n in norms for n in SPECTRUM_NORMS)
     attack_start = time.perf_counter()
-    for n, name in enumerate(norms):
+    for name in norms:
         p = NORMS[name]
         grid = eps_grid(config, name)
         settings = attack_settings(config, name, data.num_classes)
-        success = np.zeros((len(grid), num_attacked), bool)
-        deltas = np.zeros((len(grid), saved, *x_all.shape[1:]), np.float32)
+        norm_key = jax.random.fold_in(key, list(NORMS).index(name))
         spectrum_at = None
         if want_spectrum and name in SPECTRUM_NORMS:
             spectrum_at = int(np.argmin(np.abs(grid - spectrum_eps)))
-            spectrum_sum = np.zeros(x_all.shape[1:3], np.float64)
+        success, deltas, moduli = [], [], None  # this process's rows
         for e, eps in enumerate(grid):
-            for b, (rows, count) in enumerate(padded_batches(num_attacked, attack_rows)):
-                batch = jt.shard_batch({"x": x_all[rows], "y": y_all[rows]}, attack_mesh)
-                batch_key = jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(key, n), e), b)
+            eps_key = jax.random.fold_in(norm_key, e)
+            found, moved = [], []
+            for rows, _ in split.batches():
+                batch = {"x": x_all[rows], "y": y_all[rows], "index": rows.astype(np.int32)}
+                batch = jt.shard_batch(batch, local_mesh)
                 x_adv, ok = attack_batch(
-                    params_r, model_state_r, batch["x"], batch["y"], jnp.float32(eps), batch_key,
-                    graphdef=graphdef, settings=settings,
+                    params, model_state, batch["x"], batch["y"], batch["index"],
+                    jnp.float32(eps), eps_key, graphdef=graphdef, settings=settings,
                 )  # fmt: skip
-                x_adv = np.asarray(x_adv)[:count]
-                real = rows[:count]
-                success[e, real] = np.asarray(ok)[:count]
-                delta = x_adv - x_all[real]
-                keep = real < saved
-                deltas[e, real[keep]] = delta[keep]
-                if e == spectrum_at:
-                    spectrum_sum += mean_abs_spectrum(delta) * count
+                found.append(np.asarray(ok))
+                moved.append(np.asarray(x_adv) - x_all[rows])
+            success.append(np.concatenate(found))
+            delta = np.concatenate(moved)
+            deltas.append(delta[: saved_batches * split.local_batch])
+            if e == spectrum_at:
+                moduli = abs_spectra(delta)
+        success = _gather(np.stack(success, axis=1), split).T  # (E, N)
         broken = cumulative_success(success)
         attacks[name] = {
             "eps": grid.tolist(),
@@ -641,9 +764,12 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
             attacks[name]["closed_form"] = np.asarray(exact, np.float64).tolist()
         arrays[f"{name}/eps"] = grid
         arrays[f"{name}/success"] = success
-        arrays[f"{name}/delta"] = deltas
+        arrays[f"{name}/delta"] = np.zeros((len(grid), 0, *x_all.shape[1:]), np.float32)
+        if saved:
+            saved_deltas = _gather(np.stack(deltas, axis=1), split, num_batches=saved_batches)
+            arrays[f"{name}/delta"] = np.swapaxes(saved_deltas[:saved], 0, 1).astype(np.float32)
         if spectrum_at is not None:
-            spectrum = spectrum_sum / num_attacked
+            spectrum = np.fft.fftshift(_gather(moduli, split).mean(axis=0))  # mean_abs_spectrum
             spectra[name] = {
                 "eps": float(grid[spectrum_at]),
                 "mean_abs": spectrum.tolist(),
@@ -679,15 +805,16 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
         "trained_steps": config.num_steps - first_step,
         "times": {"train_s": train_seconds, "attacks_s": attack_seconds},
     }
-    with open(os.path.join(workdir, RESULTS), "w") as f:
-        json.dump(results, f, indent=2)
-    np.savez(os.path.join(workdir, ATTACKS), **arrays)
-    title = f"{config.data.name}, {config.model.name}, {config.attack.steps} PGD steps"
-    plots.plot_robust_accuracy(
-        attacks, os.path.join(workdir, ROBUST_PLOT), clean_accuracy=attacked_clean, title=title
-    )
-    if spectra:
-        plots.plot_spectra(spectra, os.path.join(workdir, SPECTRUM_PLOT), title=title)
+    if jax.process_index() == 0:  # every process holds the results; process 0 writes them
+        with open(os.path.join(workdir, RESULTS), "w") as f:
+            json.dump(results, f, indent=2)
+        np.savez(os.path.join(workdir, ATTACKS), **arrays)
+        title = f"{config.data.name}, {config.model.name}, {config.attack.steps} PGD steps"
+        plots.plot_robust_accuracy(
+            attacks, os.path.join(workdir, ROBUST_PLOT), clean_accuracy=attacked_clean, title=title
+        )
+        if spectra:
+            plots.plot_spectra(spectra, os.path.join(workdir, SPECTRUM_PLOT), title=title)
     return {
         **results,
         "spectrum": spectra,

@@ -58,6 +58,6 @@ def get_config():
     config.attack.loss = "cross_entropy"  # cross_entropy | margin
     config.attack.multi_targeted = False  # attack each other class as a target, keep any
     config.attack.clip = True  # keep x + δ in the image box [0, 1]
-    config.attack.batch_size = 128  # images per attack call
+    config.attack.batch_size = 128  # images per attack call, all processes together
     config.attack.seed = 0
     return config
