@@ -21,7 +21,12 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from jaxeff.clustering.centres import ClusterState, cluster_layers, init_from_stats
+from jaxeff.clustering.centres import (
+    ClusterState,
+    _check_num_clusters,
+    cluster_layers,
+    init_from_stats,
+)
 from jaxeff.clustering.online import check_online_options, online_update
 
 __all__ = ["GradientClusteringState", "gradient_clustering"]
@@ -84,8 +89,7 @@ def gradient_clustering(
       updates, opt_state = tx.update(grads, opt_state, params, per_example_stats=stats)
       sampler.update(opt_state[0].assignments, indices=batch_indices)
     """
-    if isinstance(num_clusters, bool) or not isinstance(num_clusters, int) or num_clusters < 1:
-        raise ValueError(f"`num_clusters` must be a positive integer, got {num_clusters!r}.")
+    _check_num_clusters(num_clusters)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < num_clusters:
         raise ValueError(
             f"`batch_size` must be an integer of at least `num_clusters` ({num_clusters}), got "
