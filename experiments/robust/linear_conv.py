@@ -49,7 +49,7 @@ import numpy as np
 from flax import nnx
 
 from experiments.robust import plots
-from experiments.robust.train import log_logistic, synthetic_data
+from experiments.robust.train import log_logistic, synthetic_data, table_cells
 from jaxeff import robust
 from jaxeff import train as jt
 from jaxeff.models import DeepLinear, LinearConvNet
@@ -219,14 +219,8 @@ def format_table(summary: dict) -> str:
     for row, values in summary.items():
         own = MODELS.get(row, row.removeprefix("max_margin_"))
         dual = norm_name(robust.dual_exponent(NORMS[own]))
-        cells = [
-            "".join(f"{values[key][q]:>7.4f}{'*' if q == own else ' '}" for q in NORMS)
-            for key in ("margin_ratio", "cosine")
-        ]
-        cells.append(
-            "".join(f"{values['robust_auc'][p]:>7.4f}{'*' if p == dual else ' '}" for p in ATTACKS)
-        )
-        lines.append(f"{row:<24}" + "  ".join(cells))
+        cells = table_cells(values, own=own, dual=dual, norms=NORMS, attacks=ATTACKS)
+        lines.append(f"{row:<24}" + cells)
     return "\n".join(lines)
 
 

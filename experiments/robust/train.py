@@ -334,6 +334,19 @@ def _mean(values) -> float:
     return float(np.mean(list(values)))
 
 
+def table_cells(row: dict, *, own: str, dual: str, norms, attacks) -> str:
+    """A table row's cells: margin ratio and cosine per weight norm, then the robust
+    accuracy per attack, with ``*`` on the method's own norm and on the dual attack."""
+    cells = [
+        "".join(f"{row[key][q]:>7.4f}{'*' if q == own else ' '}" for q in norms)
+        for key in ("margin_ratio", "cosine")
+    ]
+    cells.append(
+        "".join(f"{row['robust_auc'][p]:>7.4f}{'*' if p == dual else ' '}" for p in attacks)
+    )
+    return "  ".join(cells)
+
+
 def format_table(summary: dict) -> str:
     """The table per ``d/n``: rows the methods, columns the norms, ``*`` on a method's own norm
     (the diagonal; for the robust accuracy, on the attack in the dual of its own norm)."""
@@ -350,14 +363,8 @@ def format_table(summary: dict) -> str:
         for method, row in methods.items():
             own = own_norm(method)
             dual = norm_name(robust.dual_exponent(NORMS[own]))
-            cells = [
-                "".join(f"{row[key][q]:>7.4f}{'*' if q == own else ' '}" for q in NORMS)
-                for key in ("margin_ratio", "cosine")
-            ]
-            cells.append(
-                "".join(f"{row['robust_auc'][p]:>7.4f}{'*' if p == dual else ' '}" for p in ATTACKS)
-            )
-            lines.append(f"{method:<20}" + "  ".join(cells))
+            cells = table_cells(row, own=own, dual=dual, norms=NORMS, attacks=ATTACKS)
+            lines.append(f"{method:<20}" + cells)
     return "\n".join(lines)
 
 
