@@ -311,6 +311,24 @@ def test_infinite_gradient_with_finite_loss_is_reported():
         check_finite(metrics, 7)
 
 
+def test_finite_flag_reads_the_norms():
+    """A NaN entry, an inf entry, or a finite entry whose square overflows all clear it."""
+    tx = optax.sgd(0.0)
+    graphdef, state = create_train_state(MLP(nnx.Rngs(0)), tx)
+    step = make_train_step(graphdef, mse_loss, tx, donate=False)
+    batch = make_batch(0)
+    _, metrics = step(state, batch, {"weight": 1.0})
+    assert bool(metrics["finite"])
+    leaves, treedef = jax.tree.flatten(state.params)
+    for value in (np.nan, np.inf, 1e20):
+        bad = [np.array(x) for x in leaves]
+        bad[-1].flat[0] = value
+        bad_state = state.replace(params=jax.tree.unflatten(treedef, bad))
+        _, metrics = step(bad_state, batch, {"weight": 1.0})
+        assert not bool(metrics["finite"]), value
+        assert not np.isfinite(float(metrics["param_norm"])), value
+
+
 def test_bad_inputs_raise_clear_errors():
     tx = optax.sgd(0.1)
     graphdef, state = create_train_state(MLP(nnx.Rngs(0)), tx)

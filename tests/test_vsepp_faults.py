@@ -250,14 +250,13 @@ def test_failed_save_stops_at_once_and_keeps_the_last_checkpoint(config_path, re
 def test_divergence_is_reported_and_never_saved(config_path, tmp_path):
     workdir = tmp_path / "nan"
     # Saved every step, logged never: only the check before each save stands in the way.
+    # Adam moves every weight by about the learning rate: at step 1 the entries are
+    # finite but their norm overflows, which the step reports as non-finite.
     flags = ("--config.learning_rate=1e38", "--config.checkpoint_every=1", "--config.log_every=50")
     proc = start(config_path, workdir, *flags)
     assert finish(proc) == 1, output(workdir)
     with open(workdir / "stderr.0") as f:
         err = f.read()
-    assert "FloatingPointError: Non-finite loss or gradients at step 2" in err
-    assert "first non-finite parameter: ['" in err
-    ckpt = jt.Checkpointer(workdir / "checkpoints")
-    assert ckpt.latest_step == 1  # the finite step 1 only
-    state = final_state(workdir)
-    assert jt.first_non_finite_leaf(state) is None
+    assert "FloatingPointError: Non-finite loss or gradients at step 1" in err
+    assert "param_norm=inf" in err
+    assert jt.Checkpointer(workdir / "checkpoints").latest_step is None

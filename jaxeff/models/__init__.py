@@ -8,10 +8,11 @@ is linear, :class:`DeepLinear` and :class:`LinearConvNet` (circular convolutions
 of :mod:`jaxeff.robust`.
 """
 
+from jaxeff.models.gru import GRU
 from jaxeff.models.image_encoders import CNNImageEncoder, PrecompImageEncoder, SmallCNN
 from jaxeff.models.layers import l2_normalize
 from jaxeff.models.linear import DeepLinear, LinearClassifier, LinearConvNet
-from jaxeff.models.text_encoder import GRU, GRUTextEncoder
+from jaxeff.models.text_encoder import GRUTextEncoder
 from jaxeff.models.vse import IMAGE_ENCODERS, VSEModel, vse_model
 
 __all__ = [
