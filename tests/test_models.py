@@ -23,7 +23,7 @@ from jaxeff.models import (
     l2_normalize,
     vse_model,
 )
-from jaxeff.models.gru import gru_recurrence, gru_update
+from jaxeff.models.gru import gru_sequence, gru_update
 
 VOCAB, WORD_DIM, EMBED = 30, 12, 16
 IMG_DIM, IMAGE_SIZE, CNN_FEATURES = 20, 16, (4, 8)
@@ -320,23 +320,26 @@ def test_gru_layer_outputs_and_final_state(cnn_model):
     )
 
 
-def _loop_recurrence(input_proj, mask, kernel, bias, h0):
-    """The recurrence as a Python loop of GRU cells, for JAX's own autodiff."""
+def _loop_sequence(inputs, mask, input_kernel, input_bias, kernel, bias, h0):
+    """The GRU layer as a Python loop of GRU cells, for JAX's own autodiff."""
     h, outputs = h0, []
-    for t in range(input_proj.shape[0]):
-        h = jnp.where(mask[t], gru_update(h, input_proj[t], kernel, bias), h)
+    for t in range(inputs.shape[0]):
+        projected = inputs[t] @ input_kernel + input_bias
+        h = jnp.where(mask[t], gru_update(h, projected, kernel, bias), h)
         outputs.append(h)
     return jnp.stack(outputs)
 
 
-@pytest.mark.parametrize("jit", [False, True])
-def test_gru_recurrence_gradients_match_autodiff_of_the_loop(jit):
+@pytest.mark.parametrize("jit, unroll", [(False, 1), (True, 1), (True, 4), (True, True)])
+def test_gru_sequence_gradients_match_autodiff_of_the_loop(jit, unroll):
     rng = np.random.default_rng(0)
-    length, batch, hidden = 6, 5, 4
+    length, batch, features, hidden = 6, 5, 3, 4
     lengths = np.array([6, 1, 3, 6, 2])
     mask = (np.arange(length)[:, None] < lengths[None, :])[..., None]
     args = [
-        rng.normal(size=(length, batch, 3 * hidden)),
+        rng.normal(size=(length, batch, features)),
+        rng.normal(size=(features, 3 * hidden)) / 2,
+        rng.normal(size=(3 * hidden,)) / 2,
         rng.normal(size=(hidden, 3 * hidden)) / 2,
         rng.normal(size=(3 * hidden,)) / 2,
         rng.normal(size=(batch, hidden)),
@@ -345,22 +348,23 @@ def test_gru_recurrence_gradients_match_autodiff_of_the_loop(jit):
     weights = jnp.asarray(rng.normal(size=(length, batch, hidden)), jnp.float32)
 
     def loss(fn):
-        def f(x, kernel, bias, h0):
-            outputs = fn(x, mask, kernel, bias, h0)
+        def f(x, *params):
+            outputs = fn(x, mask, *params)
             # Every output step and the final state, as the stacked and last layers use them.
             return jnp.sum(weights * outputs) + jnp.sum(jnp.sin(outputs[-1]))
 
-        grad = jax.value_and_grad(f, argnums=(0, 1, 2, 3))
+        grad = jax.value_and_grad(f, argnums=tuple(range(6)))
         return jax.jit(grad) if jit else grad
 
-    value, grads = loss(gru_recurrence)(*args)
-    ref_value, ref_grads = loss(_loop_recurrence)(*args)
+    value, grads = loss(lambda *a: gru_sequence(*a, unroll))(*args)
+    ref_value, ref_grads = loss(_loop_sequence)(*args)
     np.testing.assert_allclose(value, ref_value, rtol=1e-5, atol=1e-6)
-    for name, got, want in zip(("inputs", "kernel", "bias", "h0"), grads, ref_grads, strict=True):
+    names = ("inputs", "input_kernel", "input_bias", "kernel", "bias", "h0")
+    for name, got, want in zip(names, grads, ref_grads, strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, err_msg=name)
     # Padding steps get no gradient; a sequence's state before its first step gets one.
     np.testing.assert_array_equal(grads[0][3:, 2], 0.0)
-    assert np.all(np.abs(np.asarray(grads[3])) > 0)
+    assert np.all(np.abs(np.asarray(grads[5])) > 0)
 
 
 def test_gru_time_major_equals_batch_major(cnn_model):

@@ -20,6 +20,7 @@ product before the loop.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -28,7 +29,7 @@ from flax import nnx
 
 from jaxeff.models.layers import symmetric_uniform
 
-__all__ = ["GRU", "gru_recurrence"]
+__all__ = ["GRU", "gru_sequence", "gru_update"]
 
 
 def _gates(state, input_proj, hidden_kernel, hidden_bias):
@@ -49,58 +50,87 @@ def gru_update(state, input_proj, hidden_kernel, hidden_bias):
     return (1.0 - z) * n + z * state
 
 
-def _run(input_proj, mask, hidden_kernel, hidden_bias, initial_state, *, save: bool):
-    """The time loop; with ``save`` it also returns the gates the backward pass needs."""
+def _run(inputs, mask, params, initial_state, unroll, *, save: bool):
+    """The input projection and the time loop; with ``save`` also the gates the backward
+    pass needs."""
+    input_kernel, input_bias, hidden_kernel, hidden_bias = params
+    projected = inputs @ input_kernel  # (L, B, 3H); the bias is added inside the loop
 
     def step(state, xs):
         x_proj, valid = xs
-        r, z, n, h_n = _gates(state, x_proj, hidden_kernel, hidden_bias)
+        r, z, n, h_n = _gates(state, x_proj + input_bias, hidden_kernel, hidden_bias)
         state = jnp.where(valid, (1.0 - z) * n + z * state, state)
         return state, ((state, r, z, n, h_n) if save else state)
 
-    _, ys = jax.lax.scan(step, initial_state, (input_proj, mask))
+    _, ys = jax.lax.scan(step, initial_state, (projected, mask), unroll=unroll)
     return ys
 
 
-@jax.custom_vjp
-def gru_recurrence(input_proj, mask, hidden_kernel, hidden_bias, initial_state):
-    r"""The GRU's recurrent part over time-major sequences: ``(L, B, 3H)`` → ``(L, B, H)``.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def gru_sequence(
+    inputs, mask, input_kernel, input_bias, hidden_kernel, hidden_bias, initial_state, unroll=1
+):
+    r"""A GRU layer over time-major sequences: ``(L, B, D)`` inputs → ``(L, B, H)`` states.
 
-    Runs :math:`h_t` (module docstring) for ``t = 1..L`` from ``h_0 = initial_state``; where
-    ``mask[t, b]`` is false the state of sequence ``b`` is held, so ``outputs[-1]`` is each
-    sequence's state after its last real step whatever the padding.
+    Projects every step's input at once, :math:`a^x_t = W_i x_t + b_i` (one matrix
+    product), then runs :math:`h_t` (module docstring) for ``t = 1..L`` from
+    ``h_0 = initial_state``; where ``mask[t, b]`` is false the state of sequence ``b`` is
+    held, so ``outputs[-1]`` is each sequence's state after its last real step whatever the
+    padding.
 
     The backward pass is written by hand. One reverse loop carries ``∂h`` and emits the
     gate pre-activation cotangents :math:`\delta_t = (\delta^r_t, \delta^z_t,
-    \delta^n_t)`; the recurrent weight's gradient is then one product over all steps,
+    \delta^n_t)`; each weight gradient is then one product over all steps and examples,
     :math:`\nabla W_h = \sum_t h_{t-1}^\top [\delta^r_t, \delta^z_t, \delta^n_t \odot
-    r_t]`, instead of a small product and a full-size accumulation inside every step, and
-    the input projection's cotangent comes out time-major, ready for its own product. The
-    numbers equal automatic differentiation of the loop up to float rounding (tested).
+    r_t]` and :math:`\nabla W_i = \sum_t x_t^\top \delta_t`, laid out as the weights
+    are, instead of a small product and a full-size accumulation inside every step (the
+    loop's automatic derivative) and transposed products after it. The numbers equal
+    automatic differentiation of the loop up to float rounding (tested). Forward-mode
+    differentiation (``jax.jvp``) is not defined for it.
 
     Args:
-        input_proj: ``(L, B, 3H)`` projected inputs ``W_i x_t + b_i``, gate order r, z, n.
+        inputs: ``(L, B, D)`` inputs ``x_t``.
         mask: ``(L, B, 1)`` booleans, true at each sequence's real steps.
+        input_kernel: ``(D, 3H)`` input weights (``weight_ih_l0.T`` in PyTorch), gate order
+            r, z, n.
+        input_bias: ``(3H,)`` input bias.
         hidden_kernel: ``(H, 3H)`` recurrent weights (``weight_hh_l0.T`` in PyTorch).
         hidden_bias: ``(3H,)`` recurrent bias.
         initial_state: ``(B, H)`` state ``h_0``.
+        unroll: time steps per loop iteration (``jax.lax.scan``'s ``unroll``; ``True`` for
+            all), in both passes. Unrolling saves loop overhead and lets the compiler fuse
+            across steps, at the cost of compile time.
 
     Returns:
         ``(L, B, H)`` states after each step.
     """
-    return _run(input_proj, mask, hidden_kernel, hidden_bias, initial_state, save=False)
+    params = (input_kernel, input_bias, hidden_kernel, hidden_bias)
+    return _run(inputs, mask, params, initial_state, unroll, save=False)
 
 
-def _recurrence_fwd(input_proj, mask, hidden_kernel, hidden_bias, initial_state):
-    outputs, r, z, n, h_n = _run(
-        input_proj, mask, hidden_kernel, hidden_bias, initial_state, save=True
+def _sequence_fwd(
+    inputs, mask, input_kernel, input_bias, hidden_kernel, hidden_bias, initial_state, unroll
+):
+    params = (input_kernel, input_bias, hidden_kernel, hidden_bias)
+    outputs, r, z, n, h_n = _run(inputs, mask, params, initial_state, unroll, save=True)
+    return outputs, (
+        inputs,
+        mask,
+        input_kernel,
+        hidden_kernel,
+        initial_state,
+        outputs,
+        r,
+        z,
+        n,
+        h_n,
     )
-    return outputs, (mask, hidden_kernel, initial_state, outputs, r, z, n, h_n)
 
 
-def _recurrence_bwd(residuals, d_outputs):
-    mask, hidden_kernel, initial_state, outputs, r, z, n, h_n = residuals
+def _sequence_bwd(unroll, residuals, d_outputs):
+    inputs, mask, input_kernel, hidden_kernel, initial_state, outputs, r, z, n, h_n = residuals
     previous = jnp.concatenate([initial_state[None], outputs[:-1]])  # h_{t-1}
+    hidden_kernel_t = hidden_kernel.T
 
     def step(dh, xs):
         d_out, h_prev, r, z, n, h_n, valid = xs
@@ -110,21 +140,33 @@ def _recurrence_bwd(residuals, d_outputs):
         d_r = d_n * h_n * r * (1.0 - r)
         d_x = jnp.where(valid, jnp.concatenate([d_r, d_z, d_n], axis=-1), 0.0)
         d_h = jnp.where(valid, jnp.concatenate([d_r, d_z, d_n * r], axis=-1), 0.0)
-        dh = jnp.where(valid, dh * z, dh) + d_h @ hidden_kernel.T
+        dh = jnp.where(valid, dh * z, dh) + d_h @ hidden_kernel_t
         return dh, (d_x, d_h)
 
-    d_state, (d_input_proj, d_hidden) = jax.lax.scan(
+    d_state, (d_projected, d_hidden) = jax.lax.scan(
         step,
         jnp.zeros_like(initial_state),
         (d_outputs, previous, r, z, n, h_n, mask),
         reverse=True,
+        unroll=unroll,
     )
-    d_kernel = jnp.einsum("lbh,lbg->hg", previous, d_hidden)
-    d_bias = jnp.sum(d_hidden, axis=(0, 1))
-    return d_input_proj, None, d_kernel, d_bias, d_state
+    d_inputs = jnp.einsum("lbg,dg->lbd", d_projected, input_kernel)
+    d_input_kernel = jnp.einsum("lbd,lbg->dg", inputs, d_projected)
+    d_input_bias = jnp.sum(d_projected, axis=(0, 1))
+    d_hidden_kernel = jnp.einsum("lbh,lbg->hg", previous, d_hidden)
+    d_hidden_bias = jnp.sum(d_hidden, axis=(0, 1))
+    return (
+        d_inputs,
+        None,
+        d_input_kernel,
+        d_input_bias,
+        d_hidden_kernel,
+        d_hidden_bias,
+        d_state,
+    )
 
 
-gru_recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)
+gru_sequence.defvjp(_sequence_fwd, _sequence_bwd)
 
 
 class GRU(nnx.Module):
@@ -145,19 +187,23 @@ class GRU(nnx.Module):
     r, z, n). Every weight and bias starts at ``U(-1/sqrt(H), 1/sqrt(H))``, as PyTorch.
 
     The input projection of all time steps is one matrix product; only the recurrent part
-    runs in a loop (:func:`gru_recurrence`, with its hand-written backward pass). Past a
+    runs in a loop (:func:`gru_sequence`, with its hand-written backward pass). Past a
     sequence's length its state stops changing, so the final state is the state at the
     last real step whatever the padding.
 
     Args:
         in_features: size of the inputs ``x_t``.
         hidden_features: size of the state ``h_t``.
+        unroll: time steps per loop iteration (see :func:`gru_sequence`).
         rngs: random streams for the initialisation.
     """
 
-    def __init__(self, in_features: int, hidden_features: int, *, rngs: nnx.Rngs):
+    def __init__(
+        self, in_features: int, hidden_features: int, *, unroll: int | bool = 1, rngs: nnx.Rngs
+    ):
         self.in_features = in_features
         self.hidden_features = hidden_features
+        self.unroll = unroll
         init = symmetric_uniform(1.0 / math.sqrt(hidden_features))
         self.input_proj = nnx.Linear(
             in_features, 3 * hidden_features, kernel_init=init, bias_init=init, rngs=rngs
@@ -194,16 +240,18 @@ class GRU(nnx.Module):
         if not time_major:
             inputs = jnp.swapaxes(inputs, 0, 1)
         length, batch = inputs.shape[0], inputs.shape[1]
-        input_proj = self.input_proj(inputs)  # (L, B, 3H)
         mask = (jnp.arange(length)[:, None] < lengths[None, :])[..., None]  # (L, B, 1)
         if initial_state is None:
-            initial_state = self.initial_state(batch, input_proj.dtype)
-        outputs = gru_recurrence(
-            input_proj,
+            initial_state = self.initial_state(batch, inputs.dtype)
+        outputs = gru_sequence(
+            inputs,
             mask,
+            self.input_proj.kernel[...],
+            self.input_proj.bias[...],
             self.hidden_proj.kernel[...],
             self.hidden_proj.bias[...],
             initial_state,
+            self.unroll,
         )
         final_state = outputs[-1]
         if not time_major:

@@ -42,6 +42,7 @@ class GRUTextEncoder(nnx.Module):
         embed_size: size of the joint embedding and of the GRU state.
         num_layers: number of stacked GRU layers.
         use_abs: take ``abs`` of the output (order embeddings).
+        unroll: GRU time steps per loop iteration (:func:`jaxeff.models.gru.gru_sequence`).
         rngs: random streams for the initialisation.
 
     Example:
@@ -60,6 +61,7 @@ class GRUTextEncoder(nnx.Module):
         *,
         num_layers: int = 1,
         use_abs: bool = False,
+        unroll: int | bool = 1,
         rngs: nnx.Rngs,
     ):
         if num_layers < 1:
@@ -74,7 +76,7 @@ class GRUTextEncoder(nnx.Module):
         )
         self.layers = nnx.List(
             [
-                GRU(word_dim if i == 0 else embed_size, embed_size, rngs=rngs)
+                GRU(word_dim if i == 0 else embed_size, embed_size, unroll=unroll, rngs=rngs)
                 for i in range(num_layers)
             ]
         )

@@ -57,6 +57,7 @@ def vse_model(
     no_imgnorm: bool = False,
     use_abs: bool = False,
     cnn_features: Sequence[int] = (32, 64, 128),
+    gru_unroll: int | bool = 1,
     rngs: nnx.Rngs | int,
 ) -> VSEModel:
     """Builds a :class:`VSEModel` from config values (names follow the reference flags).
@@ -75,6 +76,8 @@ def vse_model(
         no_imgnorm: skip the final L2 norm of image embeddings (the VSE0 baseline).
         use_abs: take ``abs`` of both embeddings (order embeddings).
         cnn_features: channels of the :class:`SmallCNN` blocks (``"cnn"`` only).
+        gru_unroll: GRU time steps per loop iteration (``True``: the whole caption);
+            unrolling trades compile time for a faster step.
         rngs: ``nnx.Rngs`` or an int seed.
 
     Returns:
@@ -108,6 +111,12 @@ def vse_model(
     else:
         raise ValueError(f"`image_encoder` must be one of {IMAGE_ENCODERS}, got {image_encoder!r}.")
     text = GRUTextEncoder(
-        vocab_size, word_dim, embed_size, num_layers=num_layers, use_abs=use_abs, rngs=rngs
+        vocab_size,
+        word_dim,
+        embed_size,
+        num_layers=num_layers,
+        use_abs=use_abs,
+        unroll=gru_unroll,
+        rngs=rngs,
     )
     return VSEModel(images, text)
