@@ -176,7 +176,7 @@ def main(argv=None):
     parser.add_argument("--workdir", default="runs/quickstart")
     parser.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated")
     parser.add_argument("--seeds", type=int, default=1, help="VSE++: seeds per loss (paired)")
-    parser.add_argument("--steps", type=int, default=3000, help="VSE++: training steps per run")
+    parser.add_argument("--steps", type=int, default=4500, help="VSE++: training steps per run")
     parser.add_argument("--families", type=int, default=1024, help="VSE++: families of 8")
     parser.add_argument("--eval-families", type=int, default=125, help="VSE++: dev/test families")
     parser.add_argument("--gvar-steps", type=int, default=3000, help="gradient variance: steps")

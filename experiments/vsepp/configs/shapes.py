@@ -25,18 +25,18 @@ def get_config():
 
     config.model.image_encoder = "cnn"
     config.model.image_size = 32
-    config.model.cnn_features = (32, 64, 128)
+    config.model.cnn_features = (16, 32, 64)
     config.model.word_dim = 64
-    config.model.embed_size = 256
+    config.model.embed_size = 128
 
     config.loss.max_violation = True
-    config.loss.warmup_steps = 1000
+    config.loss.warmup_steps = 1500
 
-    config.num_steps = 3000
+    config.num_steps = 4500
     config.learning_rate = 2e-4
     config.lr_decay_fraction = 2 / 3
     config.log_every = 50
-    config.eval_every = 500
-    config.checkpoint_every = 500
+    config.eval_every = 750
+    config.checkpoint_every = 750
     config.eval_batch_size = 500
     return config
