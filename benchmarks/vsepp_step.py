@@ -46,7 +46,7 @@ from flax import nnx
 from jaxeff import losses
 from jaxeff import train as jt
 from jaxeff.models import vse_model
-from jaxeff.models.gru import gru_sequence
+from jaxeff.models.gru import gru_sequence, resolve_unroll
 
 MATMUL_SIZE = 2048
 
@@ -198,7 +198,7 @@ def part_functions(stepper, args):
     mask = jnp.ones((length, b, 1), bool)
 
     def layer(x, *params):
-        out = gru_sequence(x, mask, *params, jnp.zeros((b, h)), args.unroll)
+        out = gru_sequence(x, mask, *params, jnp.zeros((b, h)), resolve_unroll(args.unroll))
         return jnp.sum(out[-1] ** 2)
 
     rec = jax.jit(jax.grad(layer, argnums=(0, 1, 2, 3, 4)))
@@ -308,7 +308,12 @@ def main():
     parser.add_argument("--length", type=int, default=12)
     parser.add_argument("--rounds", type=int, default=6, help="interleaved timing rounds")
     parser.add_argument("--steps", type=int, default=4, help="steps per round")
-    parser.add_argument("--unroll", type=int, default=1, help="GRU steps per loop iteration")
+    parser.add_argument(
+        "--unroll",
+        type=int,
+        default=None,
+        help="GRU steps per loop iteration (default: by backend)",
+    )
     parser.add_argument("--variants", default="all", help="'all' or e.g. 'SH,MH'")
     parser.add_argument("--torch", action="store_true", help="also time PyTorch (if installed)")
     parser.add_argument("--hugepages", action="store_true", help="also run with huge pages")
@@ -328,7 +333,7 @@ def main():
     device = jax.devices()[0]
     print(
         f"VSE++ precomp train step, B={b}, {args.img_dim}-d features, GRU {args.embed}, "
-        f"vocab {args.vocab}, {args.length} tokens, unroll {args.unroll}, "
+        f"vocab {args.vocab}, {args.length} tokens, unroll {resolve_unroll(args.unroll)}, "
         f"{device.platform} ({device.device_kind}), {os.cpu_count()} CPU cores, "
         f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}"
     )

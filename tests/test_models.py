@@ -23,7 +23,7 @@ from jaxeff.models import (
     l2_normalize,
     vse_model,
 )
-from jaxeff.models.gru import gru_sequence, gru_update
+from jaxeff.models.gru import gru_sequence, gru_update, resolve_unroll
 
 VOCAB, WORD_DIM, EMBED = 30, 12, 16
 IMG_DIM, IMAGE_SIZE, CNN_FEATURES = 20, 16, (4, 8)
@@ -365,6 +365,14 @@ def test_gru_sequence_gradients_match_autodiff_of_the_loop(jit, unroll):
     # Padding steps get no gradient; a sequence's state before its first step gets one.
     np.testing.assert_array_equal(grads[0][3:, 2], 0.0)
     assert np.all(np.abs(np.asarray(grads[5])) > 0)
+
+
+def test_gru_unroll_default_depends_on_the_backend(monkeypatch):
+    assert resolve_unroll(4) == 4 and resolve_unroll(True) is True
+    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+    assert resolve_unroll(None) == 1
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert resolve_unroll(None) is True
 
 
 def test_gru_time_major_equals_batch_major(cnn_model):

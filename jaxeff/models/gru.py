@@ -29,7 +29,7 @@ from flax import nnx
 
 from jaxeff.models.layers import symmetric_uniform
 
-__all__ = ["GRU", "gru_sequence", "gru_update"]
+__all__ = ["GRU", "gru_sequence", "gru_update", "resolve_unroll"]
 
 
 def _gates(state, input_proj, hidden_kernel, hidden_bias):
@@ -169,6 +169,14 @@ def _sequence_bwd(unroll, residuals, d_outputs):
 gru_sequence.defvjp(_sequence_fwd, _sequence_bwd)
 
 
+def resolve_unroll(unroll: int | bool | None) -> int | bool:
+    """``unroll`` as given, or for ``None`` the backend's default: all steps on GPU and
+    TPU, one per loop iteration on CPU."""
+    if unroll is None:
+        return 1 if jax.default_backend() == "cpu" else True
+    return unroll
+
+
 class GRU(nnx.Module):
     r"""A GRU layer over padded sequences, with the equations of PyTorch's ``nn.GRU``.
 
@@ -194,12 +202,21 @@ class GRU(nnx.Module):
     Args:
         in_features: size of the inputs ``x_t``.
         hidden_features: size of the state ``h_t``.
-        unroll: time steps per loop iteration (see :func:`gru_sequence`).
+        unroll: time steps per loop iteration (see :func:`gru_sequence`). ``None`` (the
+            default) unrolls the whole sequence on GPU and TPU, where every loop iteration
+            adds launch and synchronisation overhead (one H200: 1.2 → 0.9 ms for the
+            reference VSE++ step), and does not unroll on CPU, where the gain is a few
+            percent and compile time grows with the length.
         rngs: random streams for the initialisation.
     """
 
     def __init__(
-        self, in_features: int, hidden_features: int, *, unroll: int | bool = 1, rngs: nnx.Rngs
+        self,
+        in_features: int,
+        hidden_features: int,
+        *,
+        unroll: int | bool | None = None,
+        rngs: nnx.Rngs,
     ):
         self.in_features = in_features
         self.hidden_features = hidden_features
@@ -251,7 +268,7 @@ class GRU(nnx.Module):
             self.hidden_proj.kernel[...],
             self.hidden_proj.bias[...],
             initial_state,
-            self.unroll,
+            resolve_unroll(self.unroll),
         )
         final_state = outputs[-1]
         if not time_major:

@@ -42,7 +42,7 @@ class GRUTextEncoder(nnx.Module):
         embed_size: size of the joint embedding and of the GRU state.
         num_layers: number of stacked GRU layers.
         use_abs: take ``abs`` of the output (order embeddings).
-        unroll: GRU time steps per loop iteration (:func:`jaxeff.models.gru.gru_sequence`).
+        unroll: GRU time steps per loop iteration; ``None`` picks by backend (:class:`GRU`).
         rngs: random streams for the initialisation.
 
     Example:
@@ -61,7 +61,7 @@ class GRUTextEncoder(nnx.Module):
         *,
         num_layers: int = 1,
         use_abs: bool = False,
-        unroll: int | bool = 1,
+        unroll: int | bool | None = None,
         rngs: nnx.Rngs,
     ):
         if num_layers < 1:

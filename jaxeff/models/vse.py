@@ -57,7 +57,7 @@ def vse_model(
     no_imgnorm: bool = False,
     use_abs: bool = False,
     cnn_features: Sequence[int] = (32, 64, 128),
-    gru_unroll: int | bool = 1,
+    gru_unroll: int | bool | None = None,
     rngs: nnx.Rngs | int,
 ) -> VSEModel:
     """Builds a :class:`VSEModel` from config values (names follow the reference flags).
@@ -76,8 +76,9 @@ def vse_model(
         no_imgnorm: skip the final L2 norm of image embeddings (the VSE0 baseline).
         use_abs: take ``abs`` of both embeddings (order embeddings).
         cnn_features: channels of the :class:`SmallCNN` blocks (``"cnn"`` only).
-        gru_unroll: GRU time steps per loop iteration (``True``: the whole caption);
-            unrolling trades compile time for a faster step.
+        gru_unroll: GRU time steps per loop iteration (``True``: the whole caption;
+            ``None``: all on GPU and TPU, one on CPU); unrolling trades compile time for a
+            faster step.
         rngs: ``nnx.Rngs`` or an int seed.
 
     Returns:
