@@ -29,6 +29,7 @@ every step pays a page fault per 4 KiB; transparent huge pages remove most of th
 from __future__ import annotations
 
 import argparse
+import collections
 import math
 import os
 import resource
@@ -54,13 +55,6 @@ MATMUL_SIZE = 2048
 # ----------------------------------------------------------------------------------------
 # Work counted from a jaxpr.
 # ----------------------------------------------------------------------------------------
-def _dot_flops(eqn) -> float:
-    (lhs_contract, _), _ = eqn.params["dimension_numbers"]
-    lhs = eqn.invars[0].aval.shape
-    out = eqn.outvars[0].aval.shape
-    return 2.0 * math.prod(out) * math.prod(lhs[d] for d in lhs_contract)
-
-
 def _sub_jaxprs(value):
     if isinstance(value, jax.extend.core.ClosedJaxpr):
         yield value.jaxpr
@@ -71,38 +65,39 @@ def _sub_jaxprs(value):
             yield from _sub_jaxprs(v)
 
 
-def matmul_flops(jaxpr) -> float:
-    """FLOPs of every ``dot_general`` in ``jaxpr``, scan bodies counted once per step."""
+def _total_flops(products) -> float:
+    """FLOPs of ``{(lhs shape, rhs shape, dimension numbers): count}``: ``2·M·N·K`` each,
+    i.e. twice the lhs size times the rhs's free (neither contracted nor batch) size."""
     total = 0.0
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "dot_general":
-            total += _dot_flops(eqn)
-        times = eqn.params.get("length", 1) if eqn.primitive.name == "scan" else 1
-        if eqn.primitive.name == "cond":  # one branch runs
-            total += max(matmul_flops(j) for j in _sub_jaxprs(eqn.params["branches"]))
-            continue
-        for value in eqn.params.values():
-            for sub in _sub_jaxprs(value):
-                total += times * matmul_flops(sub)
+    for (lhs, rhs, ((_, rhs_contract), (_, rhs_batch))), count in products.items():
+        free = math.prod(d for i, d in enumerate(rhs) if i not in (*rhs_contract, *rhs_batch))
+        total += count * 2.0 * math.prod(lhs) * free
     return total
 
 
-def dot_shapes(jaxpr, times=1, found=None) -> dict:
-    """``{(lhs shape, rhs shape, dimension numbers): count}`` of the jaxpr's products."""
-    found = {} if found is None else found
+def dot_shapes(jaxpr, times: int = 1) -> collections.Counter:
+    """``{(lhs shape, rhs shape, dimension numbers): count}`` of the jaxpr's products, scan
+    bodies counted once per step and, of a ``cond``'s branches, the costliest."""
+    found = collections.Counter()
     for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "dot_general":
-            key = (
-                eqn.invars[0].aval.shape,
-                eqn.invars[1].aval.shape,
-                eqn.params["dimension_numbers"],
-            )
-            found[key] = found.get(key, 0) + times
-        inner = times * (eqn.params.get("length", 1) if eqn.primitive.name == "scan" else 1)
-        for value in eqn.params.values():
-            for sub in _sub_jaxprs(value):
-                dot_shapes(sub, inner, found)
+        name = eqn.primitive.name
+        if name == "dot_general":
+            shapes = (eqn.invars[0].aval.shape, eqn.invars[1].aval.shape)
+            found[(*shapes, eqn.params["dimension_numbers"])] += times
+        elif name == "cond":  # one branch runs
+            branches = [dot_shapes(j, times) for j in _sub_jaxprs(eqn.params["branches"])]
+            found.update(max(branches, key=_total_flops))
+        else:
+            inner = times * (eqn.params["length"] if name == "scan" else 1)
+            for value in eqn.params.values():
+                for sub in _sub_jaxprs(value):
+                    found.update(dot_shapes(sub, inner))
     return found
+
+
+def matmul_flops(jaxpr) -> float:
+    """FLOPs of every ``dot_general`` in ``jaxpr`` (see :func:`dot_shapes`)."""
+    return _total_flops(dot_shapes(jaxpr))
 
 
 # ----------------------------------------------------------------------------------------
@@ -149,11 +144,11 @@ class Stepper:
     def __init__(self, loss_fn, batch, args):
         tx = make_tx()
         self.graphdef, self.state = jt.create_train_state(build_model(args), tx)
+        self.loss_fn = loss_fn
         self.step = jt.make_train_step(self.graphdef, loss_fn, tx)
         self.batch = batch
-        jaxpr = jax.make_jaxpr(self.step.jitted)(self.state, batch, HPARAMS)
-        self.flops = matmul_flops(jaxpr.jaxpr)
-        self.jaxpr = jaxpr.jaxpr
+        self.jaxpr = jax.make_jaxpr(self.step.jitted)(self.state, batch, HPARAMS).jaxpr
+        self.flops = matmul_flops(self.jaxpr)
 
     def __call__(self):
         self.state, metrics = self.step(self.state, self.batch, HPARAMS)
@@ -161,9 +156,9 @@ class Stepper:
 
 
 def part_functions(stepper, args):
-    """Jitted pieces of the MH step, each a zero-argument callable."""
+    """Jitted pieces of ``stepper``'s step, each a zero-argument callable."""
     graphdef, state = stepper.graphdef, jax.tree.map(jnp.copy, stepper.state)
-    loss_fn, batch = VARIANTS["MH (VSE++)"], stepper.batch
+    loss_fn, batch = stepper.loss_fn, stepper.batch
 
     def loss_of(params):
         model = nnx.merge(graphdef, params, state.model_state, copy=True)
@@ -343,10 +338,10 @@ def main():
     timers = {"matmul": lambda: matmul(a)}
     steppers = {name: Stepper(VARIANTS[name], batch, args) for name in names}
     timers.update(steppers)
-    mh = steppers.get("MH (VSE++)") or next(iter(steppers.values()))
-    host_stepper = Stepper(VARIANTS["MH (VSE++)"], host_batch, args)
-    timers["MH, NumPy batch"] = host_stepper
-    parts = part_functions(mh, args)
+    focus = "MH (VSE++)" if "MH (VSE++)" in steppers else names[0]  # the step taken apart
+    focused = steppers[focus]
+    timers["NumPy batch"] = Stepper(VARIANTS[focus], host_batch, args)
+    parts = part_functions(focused, args)
     timers.update({name: fn for name, (fn, _) in parts.items()})
     torch_runs = {}
     if args.torch:
@@ -369,13 +364,13 @@ def main():
     med = {name: float(np.median(s)) for name, s in seconds.items()}
     best = {name: float(np.min(s)) for name, s in seconds.items()}
 
-    # Page faults and dispatch time of the MH step, measured apart from the rounds.
-    jax.block_until_ready(mh())
+    # Page faults and dispatch time of that step, measured apart from the rounds.
+    jax.block_until_ready(focused())
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     dispatch = []
     for _ in range(args.steps):
         start = time.perf_counter()
-        metrics = mh()
+        metrics = focused()
         dispatch.append(time.perf_counter() - start)
         jax.block_until_ready(metrics)
     faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / args.steps
@@ -385,7 +380,7 @@ def main():
         f"matmul {MATMUL_SIZE}x{MATMUL_SIZE}: {peak / 1e9:.0f} GFLOP/s "
         f"(best of {args.rounds} rounds; {2.0 * MATMUL_SIZE**3 / med['matmul'] / 1e9:.0f} median)"
     )
-    print(f"step matrix-product work: {mh.flops / 1e9:.1f} GFLOP (forward + backward)")
+    print(f"step matrix-product work: {focused.flops / 1e9:.1f} GFLOP (forward + backward)")
     print(f"{'':<26}{'ms/step':>9}{'(median)':>10}{'GFLOP/s':>9}{'of matmul':>11}")
     for name in names:
         flops = steppers[name].flops
@@ -393,13 +388,12 @@ def main():
             f"  {name:<24}{best[name] * 1e3:9.1f}{med[name] * 1e3:10.1f}"
             f"{flops / best[name] / 1e9:9.0f}{flops / best[name] / peak:11.2f}"
         )
-    print("Where the MH step's time goes (best of rounds, ms):")
+    print(f"Where the {focus} step's time goes (best of rounds, ms):")
     for name, (_, flops) in parts.items():
         extra = f"  ({flops / best[name] / peak:.2f} of matmul)" if flops else ""
         print(f"  {name:<30}{best[name] * 1e3:8.1f}{extra}")
-    step_ms = best["MH (VSE++)"] * 1e3 if "MH (VSE++)" in best else float("nan")
-    print(f"  {'whole step':<30}{step_ms:8.1f}")
-    host_cost = best["MH, NumPy batch"] - best[mh_name(steppers, mh)]
+    print(f"  {'whole step':<30}{best[focus] * 1e3:8.1f}")
+    host_cost = best["NumPy batch"] - best[focus]
     print(
         f"  host: dispatch {np.median(dispatch) * 1e3:.2f} ms per step; a NumPy batch "
         f"(host to device) adds {host_cost * 1e3:+.1f} ms; "
@@ -409,7 +403,7 @@ def main():
         print(f"{torch_label}, same model, loss and optimizer:")
         for name in torch_runs:
             t = best[f"torch {name}"]
-            flops = steppers[name].flops if name in steppers else mh.flops
+            flops = steppers[name].flops if name in steppers else focused.flops
             ours = best.get(name, float("nan"))
             print(
                 f"  {name:<24}{t * 1e3:9.1f} ms/step  {flops / t / peak:.2f} of matmul;  "
@@ -420,10 +414,6 @@ def main():
         argv = [a for a in sys.argv[1:] if a not in ("--hugepages", "--torch")]
         print("\nAgain with transparent huge pages for glibc's large allocations:", flush=True)
         subprocess.run([sys.executable, "-m", "benchmarks.vsepp_step", *argv], env=env, check=True)
-
-
-def mh_name(steppers, mh):
-    return next(name for name, s in steppers.items() if s is mh)
 
 
 if __name__ == "__main__":
