@@ -367,6 +367,39 @@ def test_gru_sequence_gradients_match_autodiff_of_the_loop(jit, unroll):
     assert np.all(np.abs(np.asarray(grads[5])) > 0)
 
 
+def test_gru_sequence_rejects_bad_arguments():
+    length, batch, features, hidden = 3, 2, 5, 4
+    good = {
+        "inputs": jnp.ones((length, batch, features)),
+        "mask": jnp.ones((length, batch, 1), bool),
+        "input_kernel": jnp.ones((features, 3 * hidden)),
+        "input_bias": jnp.ones((3 * hidden,)),
+        "hidden_kernel": jnp.ones((hidden, 3 * hidden)),
+        "hidden_bias": jnp.ones((3 * hidden,)),
+        "initial_state": jnp.zeros((batch, hidden)),
+    }
+    assert gru_sequence(**good).shape == (length, batch, hidden)
+    bad = {
+        "inputs": jnp.ones((length, batch, features), jnp.int32),
+        "mask": jnp.ones((length, batch), bool),
+        "input_kernel": jnp.ones((features + 1, 3 * hidden)),
+        "input_bias": jnp.ones((hidden,)),
+        "hidden_kernel": jnp.ones((hidden, 2 * hidden)),
+        "hidden_bias": jnp.ones((3 * hidden, 1)),
+        "initial_state": jnp.zeros((batch + 1, hidden)),
+    }
+    for name, value in bad.items():
+        with pytest.raises(ValueError, match=f"`{name}`"):
+            gru_sequence(**dict(good, **{name: value}))
+    with pytest.raises(ValueError, match="`mask` must be a boolean"):
+        gru_sequence(**dict(good, mask=jnp.ones((length, batch, 1))))
+    for unroll in (0, -1, False, 1.5, "all"):
+        with pytest.raises(ValueError, match="`unroll`"):
+            gru_sequence(**good, unroll=unroll)
+        with pytest.raises(ValueError, match="`unroll`"):
+            GRU(features, hidden, unroll=unroll, rngs=nnx.Rngs(0))
+
+
 def test_gru_unroll_default_depends_on_the_backend(monkeypatch):
     assert resolve_unroll(4) == 4 and resolve_unroll(True) is True
     monkeypatch.setattr(jax, "default_backend", lambda: "cpu")

@@ -27,9 +27,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxeff.models.layers import symmetric_uniform
+from jaxeff.models.layers import check_floating, symmetric_uniform
 
-__all__ = ["GRU", "gru_sequence", "gru_update", "resolve_unroll"]
+__all__ = ["GRU", "check_unroll", "gru_sequence", "gru_update", "resolve_unroll"]
 
 
 def _gates(state, input_proj, hidden_kernel, hidden_bias):
@@ -66,7 +66,6 @@ def _run(inputs, mask, params, initial_state, unroll, *, save: bool):
     return ys
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
 def gru_sequence(
     inputs, mask, input_kernel, input_bias, hidden_kernel, hidden_bias, initial_state, unroll=1
 ):
@@ -103,7 +102,64 @@ def gru_sequence(
 
     Returns:
         ``(L, B, H)`` states after each step.
+
+    Raises:
+        ValueError: naming the argument whose shape, dtype or value does not fit.
     """
+    _check_sequence_args(
+        inputs, mask, input_kernel, input_bias, hidden_kernel, hidden_bias, initial_state
+    )
+    return _gru_sequence(
+        inputs,
+        mask,
+        input_kernel,
+        input_bias,
+        hidden_kernel,
+        hidden_bias,
+        initial_state,
+        check_unroll(unroll),
+    )
+
+
+def _check_sequence_args(
+    inputs, mask, input_kernel, input_bias, hidden_kernel, hidden_bias, initial_state
+):
+    check_floating("inputs", inputs, rank=3, what="(L, B, D)")
+    check_floating("hidden_kernel", hidden_kernel, rank=2, what="(H, 3H)")
+    length, batch, features = jnp.shape(inputs)
+    hidden = jnp.shape(hidden_kernel)[0]
+    expected = {
+        "hidden_kernel": (jnp.shape(hidden_kernel), (hidden, 3 * hidden)),
+        "mask": (jnp.shape(mask), (length, batch, 1)),
+        "input_kernel": (jnp.shape(input_kernel), (features, 3 * hidden)),
+        "input_bias": (jnp.shape(input_bias), (3 * hidden,)),
+        "hidden_bias": (jnp.shape(hidden_bias), (3 * hidden,)),
+        "initial_state": (jnp.shape(initial_state), (batch, hidden)),
+    }
+    for name, (got, want) in expected.items():
+        if got != want:
+            raise ValueError(
+                f"`{name}` must have shape {want} for inputs of shape (L, B, D) = "
+                f"{(length, batch, features)} and H = {hidden}, got {got}."
+            )
+    if jnp.result_type(mask) != jnp.bool_:
+        raise ValueError(f"`mask` must be a boolean array, got dtype {jnp.result_type(mask)}.")
+
+
+def check_unroll(unroll) -> int | bool:
+    """``unroll`` checked to be ``True`` (every step) or an int ``>= 1``."""
+    if unroll is True or (isinstance(unroll, int) and not isinstance(unroll, bool) and unroll >= 1):
+        return unroll
+    raise ValueError(
+        f"`unroll` must be True (every step) or an int >= 1 (steps per loop iteration), "
+        f"got {unroll!r}."
+    )
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def _gru_sequence(
+    inputs, mask, input_kernel, input_bias, hidden_kernel, hidden_bias, initial_state, unroll
+):
     params = (input_kernel, input_bias, hidden_kernel, hidden_bias)
     return _run(inputs, mask, params, initial_state, unroll, save=False)
 
@@ -166,15 +222,15 @@ def _sequence_bwd(unroll, residuals, d_outputs):
     )
 
 
-gru_sequence.defvjp(_sequence_fwd, _sequence_bwd)
+_gru_sequence.defvjp(_sequence_fwd, _sequence_bwd)
 
 
 def resolve_unroll(unroll: int | bool | None) -> int | bool:
-    """``unroll`` as given, or for ``None`` the backend's default: all steps on GPU and
-    TPU, one per loop iteration on CPU."""
+    """``unroll`` checked (:func:`check_unroll`), or for ``None`` the backend's default:
+    all steps on GPU and TPU, one per loop iteration on CPU."""
     if unroll is None:
         return 1 if jax.default_backend() == "cpu" else True
-    return unroll
+    return check_unroll(unroll)
 
 
 class GRU(nnx.Module):
@@ -220,7 +276,7 @@ class GRU(nnx.Module):
     ):
         self.in_features = in_features
         self.hidden_features = hidden_features
-        self.unroll = unroll
+        self.unroll = unroll if unroll is None else check_unroll(unroll)
         init = symmetric_uniform(1.0 / math.sqrt(hidden_features))
         self.input_proj = nnx.Linear(
             in_features, 3 * hidden_features, kernel_init=init, bias_init=init, rngs=rngs
@@ -244,7 +300,7 @@ class GRU(nnx.Module):
 
         Args:
             inputs: ``(B, L, in_features)`` padded sequences, or ``(L, B, in_features)``
-                with ``time_major=True`` (no transposition of the projected inputs then).
+                with ``time_major=True`` (the loop's own layout: no transpositions then).
             lengths: ``(B,)`` number of real steps of each sequence.
             initial_state: ``(B, hidden_features)``; zeros by default.
             time_major: whether time is the leading axis of ``inputs`` and of the outputs.
