@@ -289,3 +289,14 @@ def test_incomplete_cluster_description_is_named(no_cluster):
     with pytest.raises(ValueError, match="JAXEFF_NUM_PROCESSES='two'"):
         distributed.initialize_distributed()
     assert not jax.distributed.is_initialized()
+
+
+def test_global_batch_must_split_over_every_device_of_many_processes(monkeypatch):
+    distributed.check_global_batch(12)  # one process: any batch
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(jax, "device_count", lambda: 8)
+    distributed.check_global_batch(16)
+    with pytest.raises(ValueError, match=r"config\.batch_size \(12\) .* 8 devices"):
+        distributed.check_global_batch(12)
+    with pytest.raises(ValueError, match=r"`batch` \(12\)"):
+        distributed.check_global_batch(12, name="`batch`")

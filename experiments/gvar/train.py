@@ -195,11 +195,7 @@ def validate_config(config) -> None:
             "config.gvar.importance_score must be 'grad_norm' or 'loss', got "
             f"{config.gvar.importance_score!r}."
         )
-    if jax.process_count() > 1 and config.batch_size % jax.device_count():
-        raise ValueError(
-            f"config.batch_size ({config.batch_size}) must be divisible by the "
-            f"{jax.device_count()} devices of a multi-process run."
-        )
+    distributed.check_global_batch(config.batch_size)
 
 
 # ----------------------------------------------------------------------------------------

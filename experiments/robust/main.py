@@ -32,7 +32,6 @@ __all__ = ["EXPERIMENTS", "main"]
 EXPERIMENTS = {"linear": train, "linear_conv": linear_conv}
 
 
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")

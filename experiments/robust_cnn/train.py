@@ -241,11 +241,7 @@ def validate_config(config) -> None:
             "config.attack.multi_targeted attacks the margin z_t - z_y toward each other "
             "class t; set config.attack.loss='margin'."
         )
-    if jax.process_count() > 1 and config.batch_size % jax.device_count():
-        raise ValueError(
-            f"config.batch_size ({config.batch_size}) must be divisible by the "
-            f"{jax.device_count()} devices of a multi-process run."
-        )
+    distributed.check_global_batch(config.batch_size)
 
 
 # ----------------------------------------------------------------------------------------

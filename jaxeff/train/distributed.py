@@ -39,6 +39,7 @@ __all__ = [
     "NUM_PROCESSES_ENV",
     "PROCESS_ID_ENV",
     "broadcast_from_process_zero",
+    "check_global_batch",
     "detected_cluster",
     "gather_rows",
     "initialize_distributed",
@@ -210,6 +211,21 @@ def _all_succeeded(error: BaseException | None, what: str) -> None:
     if failed.size:
         raise RuntimeError(
             f"{what} failed on process(es) {failed.tolist()}; see their error output."
+        )
+
+
+def check_global_batch(batch_size: int, *, name: str = "config.batch_size") -> None:
+    """Raises ``ValueError`` naming ``name`` when a multi-process run's global batch does
+    not split evenly over all devices of all processes.
+
+    Checked once before training, so a pod job fails at start-up rather than at its first
+    batch (:func:`jaxeff.train.shard_batch` checks every batch). One process places its
+    batch as it likes, so the check applies only with several.
+    """
+    if jax.process_count() > 1 and batch_size % jax.device_count():
+        raise ValueError(
+            f"{name} ({batch_size}) must be divisible by the {jax.device_count()} devices "
+            "of a multi-process run."
         )
 
 
