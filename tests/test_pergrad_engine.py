@@ -109,6 +109,10 @@ def test_rules_taken():
     assert stats.reasons["Embed_0/embedding"] == "fast: outer"  # lookup and tied head, one layout
     assert stats.reasons["Dense_0/kernel"] == "fast: outer"
     assert stats.reasons["LayerNorm_0/scale"] == "fast: dense"
+    loss_fn, params, make = models.linen_cnn()
+    stats = engine.per_example_stats(loss_fn, params, make(3))
+    assert stats.reasons["Conv_0/kernel"] == "fast: outer"  # unfolded patches
+    assert stats.reasons["Conv_1/kernel"] == "fast: dense"  # two feature groups
     loss_fn, params, make = models.plain_mlp()
     stats = engine.per_example_stats(loss_fn, params, make(3))
     assert stats.reasons["hidden/w"] == "fast: basis, outer"  # weight decay inside the loss

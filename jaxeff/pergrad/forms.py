@@ -12,7 +12,8 @@ the local vector-Jacobian product of the equation with respect to its parameter 
 forms hold it:
 
 * :class:`Outer` -- ``p`` is a rearrangement of ``θ`` (reshapes, transposes, slices) used
-  in a ``dot_general`` or as the table of a row ``gather``. Then, in ``p``'s layout
+  in a ``dot_general``, as the kernel of a convolution (one feature group; ``a`` is then
+  the unfolded input patch) or as the table of a row ``gather``. Then, in ``p``'s layout
   ``(contracting, free)``, ``g_{i,u} = Σ_t a_{i,t} δ_{i,t}^T`` with ``a`` the other
   operand (one-hot rows for a gather) and ``t`` the remaining positions: tokens, pixels,
   scan steps. ``index`` maps each ``(r, c)`` entry to its flat index in ``θ``. Nothing is
@@ -34,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxeff.pergrad.rules import conv_patches
 from jaxeff.pergrad.tracing import Use, bind, index_map
 
 __all__ = ["BASIS_SIZE", "ONE_HOT_ENTRIES", "Basis", "Dense", "Outer", "contributions"]
@@ -186,6 +188,46 @@ def _one_example(use: Use):
     return None
 
 
+def _outer_conv(use: Use, operands, delta, leaf_shapes):
+    """The :class:`Outer` of a convolution by a parameter kernel (one feature group, no
+    input dilation): unfolded input patches against the output's cotangent, or ``None``."""
+    eqn = use.eqn
+    params = eqn.params
+    if set(use.nodes) != {1} or len(use.nodes[1].leaves) != 1:
+        return None
+    if params["feature_group_count"] != 1 or params["batch_group_count"] != 1:
+        return None
+    if any(d != 1 for d in params["lhs_dilation"]):
+        return None
+    node = use.nodes[1]
+    (leaf,) = node.leaves
+    index = index_map(node, leaf_shapes[leaf])
+    if index is None:
+        return None
+    lhs_spec, rhs_spec, out_spec = params["dimension_numbers"]
+    (x,) = operands
+    steps = len(use.steps)
+    lead = list(range(steps))
+    # Channels last, example axis first, scan steps folded into the examples.
+    x = _move_first(x, [steps + lhs_spec[0], *lead, *(steps + d for d in lhs_spec[2:])])
+    x = x.reshape(-1, *x.shape[steps + 1 :])  # (B·S, *spatial, c_in)
+    kernel_size = tuple(index.shape[d] for d in rhs_spec[2:])
+    patches = conv_patches(
+        x,
+        kernel_size=kernel_size,
+        strides=tuple(params["window_strides"]),
+        padding=tuple(tuple(p) for p in params["padding"]),
+        kernel_dilation=tuple(params["rhs_dilation"]),
+    )
+    size = delta.shape[steps + out_spec[0]]
+    a = patches.reshape(size, -1, patches.shape[-1])
+    d = _move_first(delta, [steps + out_spec[0], *lead, *(steps + k for k in out_spec[2:])])
+    d = d.reshape(size, -1, d.shape[-1])
+    r, c = a.shape[-1], d.shape[-1]
+    index = np.transpose(index, (*rhs_spec[2:], rhs_spec[1], rhs_spec[0])).reshape(r, c)
+    return Outer(leaf, a, d, index)
+
+
 def _local_grads(use: Use, apply, params, operands, delta):
     """``∂_p y(p, x_i)^T δ_i`` for every example (and scan step, summed), for each P operand.
 
@@ -249,6 +291,8 @@ def contributions(use: Use, params, record, delta, leaf_values, leaf_shapes):
         outer = _outer_dot(use, record, delta, leaf_shapes)
     elif name == "gather":
         outer = _outer_gather(use, record, delta, leaf_shapes)
+    elif name == "conv_general_dilated":
+        outer = _outer_conv(use, record, delta, leaf_shapes)
     if outer is not None:
         return [outer], None
     apply = _one_example(use)
