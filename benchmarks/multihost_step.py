@@ -222,15 +222,24 @@ def gvar_worker(args) -> None:
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     mesh = jt.make_mesh(axis_type=args.axis_type)
     replicated, split = jt.replicated_sharding(mesh), jt.data_sharding(mesh)
+
+    def loss_fn(params, batch):  # the model's per-example loss of its parameters
+        return per_example_loss(nnx.merge(graphdef, params, rest), batch)
+
+    global_batch = {  # the shapes of one global batch
+        "x": jax.ShapeDtypeStruct((args.batch, 784), jnp.float32),
+        "y": jax.ShapeDtypeStruct((args.batch,), jnp.int32),
+        "weights": jax.ShapeDtypeStruct((args.batch,), jnp.float32),
+    }
     sgd = optax.sgd(0.01)
     gc = optax.chain(
-        gradient_clustering(model, num_clusters=args.num_clusters, batch_size=args.batch),
+        gradient_clustering(loss_fn, global_batch, num_clusters=args.num_clusters),
         optax.sgd(0.01),
     )
 
     def sgd_step(params, opt_state, batch):
         def mean_loss(p):
-            return jnp.mean(per_example_loss(nnx.merge(graphdef, p, rest), batch))
+            return jnp.mean(loss_fn(p, batch))
 
         loss, grads = jax.value_and_grad(mean_loss)(params)
         updates, opt_state = sgd.update(grads, opt_state, params)
@@ -238,8 +247,8 @@ def gvar_worker(args) -> None:
 
     def gc_step(params, opt_state, batch):
         loss, grads, stats = value_grad_and_stats(
-            nnx.merge(graphdef, params, rest),
-            per_example_loss,
+            loss_fn,
+            params,
             batch,
             weights=batch["weights"],
             directions=opt_state[0].clusters.centres,

@@ -10,7 +10,7 @@ Three unmodified flax nnx models, side by side in one run:
 
 For each: the plain jitted gradient of the weighted loss ``Σ_i w_i ℓ_i`` (``jax.grad``);
 the fast path (``jaxeff.pergrad.per_example_stats``: per-example norms, per-coordinate
-sums of squares and K rank-1 inner products per layer), also with norms only; the
+sums of squares and K inner products per parameter, rank 1 on a kernel), also with norms only; the
 weighted gradient and the same statistics from one pass
 (``jaxeff.pergrad.value_grad_and_stats``); the plain training step
 (``jaxeff.train.make_train_step`` with Adam, weighted per-example losses) and the same
@@ -91,7 +91,7 @@ def holding(directions):
     """An ExtraArgs transform whose state holds the directions (as cluster centres would)."""
 
     def init(params):
-        return {"/".join(map(str, path)): (v, u) for path, (v, u) in directions.items()}
+        return directions
 
     def update(updates, state, params=None, **extra):
         return updates, state
@@ -148,12 +148,13 @@ def compiled_costs(fn, args):
 def run_case(name, args, rng):
     model, batch = make_case(name, rng)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def loss_fn(params, batch):  # the model's loss as a function of its parameters
+        return per_example_loss(nnx.merge(graphdef, params, rest), batch)
+
     directions = {
-        path: (
-            rng.normal(size=(args.directions, d_in)).astype(np.float32),
-            rng.normal(size=(args.directions, d_out)).astype(np.float32),
-        )
-        for path, (d_in, d_out) in direction_shapes(model).items()
+        path: tuple(rng.normal(size=(args.directions, *f)).astype(np.float32) for f in split)
+        for path, split in direction_shapes(loss_fn, params, batch).items()
     }
 
     @jax.jit
@@ -167,10 +168,9 @@ def run_case(name, args, rng):
     def stats_fn(with_sum_sq, use_directions):
         @jax.jit
         def fn(params, batch, directions):
-            model = nnx.merge(graphdef, params, rest)
             return per_example_stats(
-                model,
-                per_example_loss,
+                loss_fn,
+                params,
                 batch,
                 directions=directions if use_directions else None,
                 with_sum_sq=with_sum_sq,
@@ -180,9 +180,8 @@ def run_case(name, args, rng):
 
     @jax.jit
     def grad_and_stats(params, batch, directions):
-        model = nnx.merge(graphdef, params, rest)
         return value_grad_and_stats(
-            model, per_example_loss, batch, weights=batch["weights"], directions=directions
+            loss_fn, params, batch, weights=batch["weights"], directions=directions
         )
 
     tx = optax.chain(holding(directions), optax.adam(1e-3))

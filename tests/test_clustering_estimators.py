@@ -4,9 +4,9 @@ vanishes on exact duplicates while SGD's does not."""
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from flax import nnx
+from test_clustering import as_params_loss as params_loss
 
 from jaxeff import clustering, gvar
 
@@ -18,11 +18,6 @@ class MLP(nnx.Module):
 
     def __call__(self, x):
         return self.fc2(jnp.tanh(self.fc1(x)))
-
-
-def xent(model, batch):
-    logits = model(batch["x"])
-    return optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"])
 
 
 def data(n, seed=0, copies=1):
@@ -41,11 +36,6 @@ def flat(tree):
     return np.concatenate([np.asarray(x).ravel() for x in jax.tree.leaves(tree)])
 
 
-def params_loss(model):
-    graphdef, _, rest = nnx.split(model, nnx.Param, ...)
-    return lambda params, batch: xent(nnx.merge(graphdef, params, rest), batch)
-
-
 GC = dict(batch_size=12, num_clusters=4)
 
 
@@ -54,17 +44,17 @@ def gc_sample(state, key, **kw):
 
 
 CASES = {
-    "gc": (lambda m: clustering.gc_estimator(m, xent, **GC, num_passes=2), gc_sample),
+    "gc": (lambda loss: clustering.gc_estimator(loss, **GC, num_passes=2), gc_sample),
     "gc_proportional_noreplace": (
-        lambda m: clustering.gc_estimator(m, xent, **GC, allocation="proportional", replace=False),
+        lambda loss: clustering.gc_estimator(loss, **GC, allocation="proportional", replace=False),
         lambda s, k: gc_sample(s, k, allocation="proportional", replace=False),
     ),
     "importance_norm": (
-        lambda m: clustering.importance_estimator(m, xent, batch_size=12),
+        lambda loss: clustering.importance_estimator(loss, batch_size=12),
         lambda s, k: clustering.importance_sample(k, s, batch_size=12),
     ),
     "importance_loss": (
-        lambda m: clustering.importance_estimator(m, xent, batch_size=12, score="loss"),
+        lambda loss: clustering.importance_estimator(loss, batch_size=12, score="loss"),
         lambda s, k: clustering.importance_sample(k, s, batch_size=12),
     ),
 }
@@ -75,19 +65,18 @@ def test_estimates_are_unbiased(name):
     """``||mean of M draws − ∇f||²`` stays within a few times its expectation ``tr Var / M``;
     the same draws with plain ``1/b`` weights do not."""
     make, sample = CASES[name]
-    model = MLP(nnx.Rngs(0))
+    loss, params = params_loss(MLP(nnx.Rngs(0)))
     dataset = data(40)
-    params = nnx.state(model, nnx.Param)
-    est = make(model)
+    est = make(loss)
     state = est.init(params, dataset)
     num = 4000
     g = draws(est, state, params, dataset, num)
-    full = flat(gvar.mean_gradient(params_loss(model), params, dataset))
+    full = flat(gvar.mean_gradient(loss, params, dataset))
     error = np.sum((g.mean(0) - full) ** 2)
     expected = np.sum(g.var(0)) / num
     assert error < 4 * expected, (error, expected)
     biased = gvar.sampling_estimator(
-        params_loss(model),
+        loss,
         lambda s, k, n: sample(s, k)._replace(weights=jnp.full((12,), 1 / 12)),
     )
     b = draws(biased, state, params, dataset, num)
@@ -95,15 +84,13 @@ def test_estimates_are_unbiased(name):
 
 
 def test_gc_variance_vanishes_on_exact_duplicates_and_sgd_does_not():
-    model = MLP(nnx.Rngs(0))
+    loss, params = params_loss(MLP(nnx.Rngs(0)))
     dataset = data(6, copies=10)
-    params = nnx.state(model, nnx.Param)
-    loss = params_loss(model)
     estimators = {
         "sgd": gvar.sgd_estimator(loss, batch_size=12),
         "sgd_2b": gvar.sgd_estimator(loss, batch_size=24),
         "gc": clustering.gc_estimator(
-            model, xent, batch_size=12, num_clusters=6, num_passes=4, min_fraction=0.05
+            loss, batch_size=12, num_clusters=6, num_passes=4, min_fraction=0.05
         ),
     }
     states = {n: e.init(params, dataset) for n, e in estimators.items()}
@@ -116,10 +103,10 @@ def test_gc_variance_vanishes_on_exact_duplicates_and_sgd_does_not():
 
 
 def test_estimator_arguments_are_checked():
-    model = MLP(nnx.Rngs(0))
+    loss, params = params_loss(MLP(nnx.Rngs(0)))
     with pytest.raises(ValueError, match="`score`"):
-        clustering.importance_estimator(model, xent, batch_size=4, score="norm")
+        clustering.importance_estimator(loss, batch_size=4, score="norm")
     with pytest.raises(ValueError, match="`num_passes`"):
         clustering.cluster_examples(
-            model, xent, data(8), num_clusters=2, key=jax.random.key(0), num_passes=-1
+            loss, params, data(8), num_clusters=2, key=jax.random.key(0), num_passes=-1
         )

@@ -276,8 +276,8 @@ def test_importance_sampling_through_sampling_estimator_is_unbiased(linreg):
 
 
 def test_exact_variance_fast_path_equals_brute_force(mlp):
-    model, params, data, _, example_loss = mlp
-    moments = gvar.gradient_moments(model, mlp_loss, data, chunk_size=16)  # 16 + 16 + 13
+    model, params, data, loss_fn, example_loss = mlp
+    moments = gvar.gradient_moments(loss_fn, params, data, chunk_size=16)  # 16 + 16 + 13
     grads = per_example_grads(example_loss, params, data)
     brute_var = jax.tree.map(lambda g: np.var(np.asarray(g, np.float64), axis=0), grads)
     brute_mean = jax.tree.map(lambda g: np.mean(np.asarray(g, np.float64), axis=0), grads)
@@ -308,10 +308,21 @@ def test_exact_variance_fast_path_equals_brute_force(mlp):
         assert_stats_close(gvar.exact_variance(moments, batch_size=b, replace=replace), want, 1e-4)
 
 
+def test_gradient_moments_of_a_plain_array_loss_equal_the_closed_form(linreg):
+    """Any ``loss_fn(params, batch)``: here ``params`` is one array, ``g_i = (x_i·w - y_i) x_i``."""
+    data, w, _ = linreg
+    moments = gvar.gradient_moments(linreg_loss, w, data, chunk_size=25)  # 25 + 25 + 10
+    g = linreg_example_grads(w, data)
+    np.testing.assert_allclose(moments.mean, g.mean(0), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(moments.second_moment, np.mean(g**2, 0), rtol=1e-5, atol=1e-7)
+    assert moments.num_examples == N
+    np.testing.assert_allclose(moments.mean_loss, np.mean(linreg_loss(w, data)), rtol=1e-5)
+
+
 @pytest.mark.parametrize("replace", [True, False])
 def test_measured_sgd_variance_converges_to_the_exact_one(mlp, replace):
-    model, params, data, loss_fn, _ = mlp
-    moments = gvar.gradient_moments(model, mlp_loss, data)
+    _, params, data, loss_fn, _ = mlp
+    moments = gvar.gradient_moments(loss_fn, params, data)
     exact = gvar.exact_variance(moments, batch_size=8, replace=replace)
     est = gvar.sgd_estimator(loss_fn, batch_size=8, replace=replace)
     mean = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), moments.mean)
@@ -400,11 +411,11 @@ def test_bad_arguments_are_refused(linreg):
 
 
 def test_gradient_moments_refuse_nan(mlp):
-    model, _, data, _, _ = mlp
+    _, params, data, loss_fn, _ = mlp
     bad = dict(data, x=data["x"].copy())
     bad["x"][3, 0] = np.nan
     with pytest.raises(FloatingPointError, match="not finite"):
-        gvar.gradient_moments(model, mlp_loss, bad)
+        gvar.gradient_moments(loss_fn, params, bad)
 
 
 # ------------------------------------------------------------------ records and plot

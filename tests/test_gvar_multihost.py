@@ -18,6 +18,7 @@ evaluations of one uninterrupted process, with only process 0 writing files and 
 reading one back (every file access recorded with Python's audit hooks).
 """
 
+import functools
 import json
 import os
 import sys
@@ -32,7 +33,7 @@ import pytest
 import test_train_multiprocess as multiprocess
 from flax import nnx
 from jax.experimental import multihost_utils
-from test_clustering import MLP, mlp_data, random_state, xent
+from test_clustering import MLP, mlp_data, xent
 
 from experiments.gvar import train
 from experiments.gvar.configs import default
@@ -52,19 +53,43 @@ def assert_trees_close(got, want, rtol=1e-5, atol=1e-6):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=rtol, atol=atol)
 
 
+@functools.cache
+def mlp_loss():
+    """``loss_fn(params, batch) -> (B,)``: the cross-entropy of the test MLP at its
+    ``nnx.Param`` s (one function object, so every jitted pass that takes it compiles once)."""
+    graphdef, _, rest = nnx.split(MLP(nnx.Rngs(0)), nnx.Param, ...)
+
+    def loss_fn(params, batch):
+        return xent(nnx.merge(graphdef, params, rest), batch)
+
+    return loss_fn
+
+
+def random_state(params, k, seed=0):
+    """A :class:`jaxeff.clustering.ClusterState` with random centres for every leaf of the
+    MLP (factors ``(K, *S_j)``, keyed by parameter path) and random sizes."""
+    rng = np.random.default_rng(seed)
+    shapes = clustering.cluster_leaves(mlp_loss(), params, mlp_data(2))
+    centres = {
+        path: tuple(
+            jnp.asarray(rng.normal(size=(k, *shape)) * scale, jnp.float32)
+            for shape, scale in zip(split, (1.0, 0.3), strict=False)  # a bias: one factor
+        )
+        for path, split in shapes.items()
+    }
+    return clustering.ClusterState(
+        centres, jnp.asarray(rng.integers(1, 20, k), jnp.float32), jnp.zeros((), jnp.int32)
+    )
+
+
 # ----------------------------------------------------------------------------------------
 # gvar.measure on a dataset sharded over 8 devices.
 # ----------------------------------------------------------------------------------------
-def make_estimators(model):
-    graphdef, _, rest = nnx.split(model, nnx.Param, ...)
-
-    def params_loss(params, batch):
-        return xent(nnx.merge(graphdef, params, rest), batch)
-
+def make_estimators():
     return {
-        "sgd": gvar.sgd_estimator(params_loss, batch_size=4),
+        "sgd": gvar.sgd_estimator(mlp_loss(), batch_size=4),
         "gc": clustering.gc_estimator(
-            model, xent, batch_size=8, num_clusters=3, num_passes=2, chunk_size=16
+            mlp_loss(), batch_size=8, num_clusters=3, num_passes=2, chunk_size=16
         ),
     }
 
@@ -78,7 +103,7 @@ def measure_all(estimators, params, data):
 @pytest.fixture(scope="module")
 def measured_on_one_device():
     model = MLP(nnx.Rngs(0))
-    return model, measure_all(make_estimators(model), nnx.state(model, nnx.Param), mlp_data(32))
+    return model, measure_all(make_estimators(), nnx.state(model, nnx.Param), mlp_data(32))
 
 
 @pytest.mark.parametrize("axis_type", AXIS_TYPES)
@@ -89,7 +114,7 @@ def test_measure_on_a_sharded_dataset_equals_one_device(measured_on_one_device, 
     data = jt.shard_batch(mlp_data(32), mesh)  # 4 examples per device
     params = jt.replicate(nnx.state(model, nnx.Param), mesh)
     with jax.set_mesh(mesh):
-        got_states, got = measure_all(make_estimators(model), params, data)
+        got_states, got = measure_all(make_estimators(), params, data)
     # The same clusters (every example's), so the same stratified draws and statistics.
     np.testing.assert_array_equal(got_states["gc"].assignments, want_states["gc"].assignments)
     assert_trees_close(got_states["gc"].clusters, want_states["gc"].clusters)
@@ -102,14 +127,13 @@ def test_measure_on_a_sharded_dataset_equals_one_device(measured_on_one_device, 
 # ----------------------------------------------------------------------------------------
 # The GC training step, jitted, on a batch sharded over 8 devices.
 # ----------------------------------------------------------------------------------------
-def make_gc_step(graphdef, rest, tx):
+def make_gc_step(tx):
     """Weighted loss, gradient and statistics in one pass; the clusters move, then SGD."""
 
     def step(params, opt_state, batch):
-        model = nnx.merge(graphdef, params, rest)
         loss, grads, stats = pergrad.value_grad_and_stats(
-            model,
-            xent,
+            mlp_loss(),
+            params,
             batch,
             weights=batch["weights"],
             directions=opt_state[0].clusters.centres,
@@ -129,11 +153,10 @@ def gc_batches(num_steps=3, size=16):
 
 
 def run_gc_steps(place_state=lambda x: x, place_batch=lambda x: x):
-    model = MLP(nnx.Rngs(0))
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    gc = clustering.gradient_clustering(model, num_clusters=4, batch_size=16, decay=0.5)
+    params = nnx.state(MLP(nnx.Rngs(0)), nnx.Param)
+    gc = clustering.gradient_clustering(mlp_loss(), mlp_data(16), num_clusters=4, decay=0.5)
     tx = optax.chain(gc, optax.sgd(0.1))
-    step = make_gc_step(graphdef, rest, tx)
+    step = make_gc_step(tx)
     params, opt_state = place_state((params, tx.init(params)))
     losses = []
     for batch in gc_batches():  # the first step seeds the centres, the others move them
@@ -219,11 +242,11 @@ def leaves(tree) -> list:
     return [np.asarray(value(x)).tolist() for x in jax.tree.leaves(tree)]
 
 
-def on_one_batch(model, batch, state) -> dict:
+def on_one_batch(params, batch, state) -> dict:
     """Per-example statistics of ``batch`` with ``state``'s centres as directions, a
     clustering pass over it and an online update from it."""
-    stats = pergrad.per_example_stats(model, xent, batch, directions=state.centres)
-    passed, pass_assignments = clustering.clustering_pass(model, xent, [batch], state)
+    stats = pergrad.per_example_stats(mlp_loss(), params, batch, directions=state.centres)
+    passed, pass_assignments = clustering.clustering_pass(mlp_loss(), params, [batch], state)
     online, online_assignments = jax.jit(clustering.online_update)(state, stats)
     return {
         "losses": stats.losses,
@@ -270,14 +293,14 @@ def cluster_work(workdir) -> dict:
     def half(tree):  # this process's rows of a global batch of 16
         return jax.tree.map(lambda x: x[8 * me : 8 * (me + 1)], tree)
 
-    model = MLP(nnx.Rngs(0))
-    state = random_state(model, 4)
+    params = nnx.state(MLP(nnx.Rngs(0)), nnx.Param)
+    state = random_state(params, 4)
     out = {}
     for axis_type in AXIS_TYPES:
         mesh = jt.make_mesh(axis_type=axis_type)
         batch = jt.shard_batch(half(mlp_data(16)), mesh)
         with jax.set_mesh(mesh):
-            pieces = on_one_batch(model, batch, jt.replicate(state, mesh))
+            pieces = on_one_batch(params, batch, jt.replicate(state, mesh))
         pieces["gc_step"] = run_gc_steps(
             lambda tree, mesh=mesh: jt.replicate(tree, mesh),
             lambda batch, mesh=mesh: jt.shard_batch(half(batch), mesh),
@@ -338,8 +361,8 @@ def cluster(tmp_path_factory, gc_steps_on_one_device):
     with pytest.MonkeyPatch.context() as patch, ThreadPoolExecutor(1) as pool:
         patch.setattr(multiprocess, "WORKER", WORKER)
         launched = pool.submit(multiprocess.run_cluster, root / "work", root / "logs")
-        model = MLP(nnx.Rngs(0))
-        reference = on_one_batch(model, mlp_data(16), random_state(model, 4))
+        params = nnx.state(MLP(nnx.Rngs(0)), nnx.Param)
+        reference = on_one_batch(params, mlp_data(16), random_state(params, 4))
         reference["gc_step"] = gc_steps_on_one_device
         reference["experiment"] = train.train_and_evaluate(gvar_config(), str(root / "one"))
         outputs = launched.result()  # fails the test as run_cluster does

@@ -284,7 +284,7 @@ def test_sgd_2b_has_half_the_variance_and_gc_less_than_sgd_b(one_run):
     per-example gradients; tolerances from the spread of repeated measurements."""
     config, seed, run, _, estimators = one_run
     model = run["model"]
-    _, size = rf.sizes(config, 2.0)
+    hidden, size = rf.sizes(config, 2.0)
     teacher = rf.make_teacher(dim=8, hidden=8, seed=seed)
     data, _ = rf.make_data(teacher, num_examples=size, num_test=4, seed=seed)
     data = jax.device_put(data)
@@ -302,9 +302,20 @@ def test_sgd_2b_has_half_the_variance_and_gc_less_than_sgd_b(one_run):
     batch = config.batch_size
     exact_sgd = grads.var(axis=0).mean() / batch
     assignments = np.asarray(repeats[0][1]["gc"].assignments)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def params_loss(params, examples):
+        return rf.example_loss(nnx.merge(graphdef, params, rest), examples)
+
+    # GC clusters the head's kernel (rank-1 centres) and bias; the fixed features, not an
+    # nnx.Param, are not clustered.
+    assert clustering.cluster_leaves(params_loss, params, data) == {
+        "head/kernel": ((hidden,), (2,)),
+        "head/bias": ((2,),),
+    }
     fresh = clustering.cluster_examples(
-        model,
-        rf.example_loss,
+        params_loss,
+        params,
         data,
         num_clusters=2,
         key=jax.random.key(seed),

@@ -203,6 +203,22 @@ def check_gradient_variance(workdir):
             assert all(math.isfinite(x) for x in losses), (run, kind, losses)
             assert losses[-1] < 0.8 * losses[0], (run, kind, losses)
             assert r["test_accuracy"] >= 0.3, (run, kind, r["test_accuracy"])
+    # Part 5: online GC on a flax linen model in a plain optax loop. Every leaf takes an
+    # exact rule, every leaf is clustered, the clusters are used, and training converges
+    # like uniform batches.
+    linen = summary["linen_online_gc"]
+    gc_run = linen["gc"]
+    assert all(
+        why.startswith("fast: outer") or why == "fast: dense" for why in gc_run["reasons"].values()
+    ), gc_run["reasons"]
+    assert gc_run["clustered_leaves"] == sorted(gc_run["reasons"]), gc_run["clustered_leaves"]
+    sizes_k = np.asarray(gc_run["cluster_sizes"])
+    assert sizes_k.sum() == sizes["num_train"] and (sizes_k > 0).sum() > 1, sizes_k
+    for kind, r in linen.items():
+        losses = [c["loss"] for c in r["curve"]]
+        assert all(math.isfinite(x) for x in losses), (kind, losses)
+        assert losses[-1] < 0.8 * losses[0], (kind, losses)
+    assert linen["gc"]["curve"][0] == linen["uniform"]["curve"][0]  # the same initialisation
 
 
 def check_robust_linear(workdir):

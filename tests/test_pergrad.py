@@ -1,4 +1,4 @@
-"""Tests for jaxeff.pergrad.per_example_stats against one jax.grad per example."""
+"""The nnx form of the engine (jaxeff.pergrad.stats) against one jax.grad per example."""
 
 import jax
 import jax.numpy as jnp
@@ -8,7 +8,8 @@ from flax import nnx
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxeff.pergrad import FAST, VMAP, PerExampleStats, direction_shapes, per_example_stats
+from jaxeff.pergrad import FAST, VMAP, PerExampleStats, direction_shapes
+from jaxeff.pergrad.stats import per_example_stats
 
 # ----------------------------------------------------------------------------- models
 
@@ -116,14 +117,19 @@ MODELS = {
 
 
 def brute_force_grads(model, loss_fn, batch):
-    """One jax.grad per example: a list of {param path: gradient}."""
+    """One jax.grad per example: a list of {parameter path "a/b": gradient}."""
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     size = jax.tree.leaves(batch)[0].shape[0]
     grads = []
     for i in range(size):
         example = jax.tree.map(lambda x, i=i: x[i : i + 1], batch)
         g = jax.grad(lambda p, e=example: loss_fn(nnx.merge(graphdef, p, rest), e)[0])(params)
-        grads.append({path: np.asarray(v.get_value()) for path, v in nnx.to_flat_state(g)})
+        grads.append(
+            {
+                "/".join(map(str, path)): np.asarray(v.get_value())
+                for path, v in nnx.to_flat_state(g)
+            }
+        )
     return grads
 
 
@@ -135,31 +141,43 @@ def canonical_path(model, key):
     return next(path for path, value in nnx.iter_graph(model) if value is node)
 
 
-def brute_force_dots(model, grads, directions):
-    out = {}
-    for key, (v, u) in directions.items():
-        path = canonical_path(model, key)
-        dots = []
-        for g in grads:
-            kernel = g[path + ("kernel",)].reshape(v.shape[1], u.shape[1])
-            d = np.einsum("io,ki,ko->k", kernel, v, u)
-            if path + ("bias",) in g:
-                d = d + u @ g[path + ("bias",)]
-            dots.append(d)
-        out[path] = np.stack(dots, axis=1)
+def dense_direction(factors):
+    """``(K, *leaf_shape)``: each direction's factors multiplied out."""
+    out = np.asarray(factors[0])
+    for f in factors[1:]:
+        f = np.asarray(f)
+        out = np.einsum("ki,kj->kij", out.reshape(len(out), -1), f.reshape(len(f), -1))
     return out
 
 
-def random_directions(model, layer_keys, k=4, seed=0):
+def brute_force_dots(grads, directions):
+    """``{path: (K, B)}`` inner products of the brute-force gradients with the directions."""
+    out = {}
+    for path, factors in directions.items():
+        d = dense_direction(factors).reshape(len(factors[0]), -1)
+        out[path] = np.stack([d @ g[path].ravel() for g in grads], axis=1)
+    return out
+
+
+def params_loss(model, loss_fn):
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    return (lambda p, b: loss_fn(nnx.merge(graphdef, p, rest), b)), params
+
+
+def random_directions(model, layer_keys, batch, k=4, seed=0):
+    """Random directions ``{path: factors}`` on the kernel and bias of each named layer, in
+    the split of :func:`jaxeff.pergrad.direction_shapes`."""
     rng = np.random.default_rng(seed)
-    shapes = direction_shapes(model)
+    shapes = direction_shapes(*params_loss(model, regression_loss), batch)
     out = {}
     for key in layer_keys:
-        d_in, d_out = shapes[canonical_path(model, key)]
-        out[key] = (
-            rng.normal(size=(k, d_in)).astype(np.float32),
-            rng.normal(size=(k, d_out)).astype(np.float32),
-        )
+        layer = "/".join(map(str, canonical_path(model, key)))
+        for leaf in ("kernel", "bias"):
+            if f"{layer}/{leaf}" in shapes:
+                out[f"{layer}/{leaf}"] = tuple(
+                    rng.normal(size=(k, *shape)).astype(np.float32)
+                    for shape in shapes[f"{layer}/{leaf}"]
+                )
     return out
 
 
@@ -171,21 +189,26 @@ def close(actual, expected, rtol=2e-4):
 
 def check_against_brute_force(model, loss_fn, batch, stats, directions=None):
     grads = brute_force_grads(model, loss_fn, batch)
-    flat_sq = dict(nnx.to_flat_state(stats.sq_norms))
-    assert set(flat_sq) == set(grads[0])
+
+    def flat(state):
+        return {"/".join(map(str, p)): v.get_value() for p, v in nnx.to_flat_state(state)}
+
+    flat_sq = flat(stats.sq_norms)
+    assert set(flat_sq) == set(grads[0]) == set(stats.paths)
     for path in grads[0]:
-        close(flat_sq[path].get_value(), [np.sum(g[path] ** 2) for g in grads])
+        close(flat_sq[path], [np.sum(g[path] ** 2) for g in grads])
     close(stats.total_sq_norms, [sum(np.sum(x**2) for x in g.values()) for g in grads])
     if stats.sum_sq is not None:
-        for path, var in nnx.to_flat_state(stats.sum_sq):
-            close(var.get_value(), sum(g[path] ** 2 for g in grads))
+        for path, value in flat(stats.sum_sq).items():
+            close(value, sum(g[path] ** 2 for g in grads))
     if directions:
-        expected = brute_force_dots(model, grads, directions)
+        expected = brute_force_dots(grads, directions)
+        assert set(stats.leaf_dots) == set(expected)
         for path, dots in expected.items():
-            close(stats.layer_dots[path], dots)
+            close(stats.leaf_dots[path], dots)
         close(stats.dots, sum(expected.values()))
     else:
-        assert stats.dots is None and stats.layer_dots is None
+        assert stats.dots is None and stats.leaf_dots is None
     losses = regression_loss(model, batch) if loss_fn is regression_loss else None
     if losses is not None:
         close(stats.losses, losses)
@@ -197,7 +220,7 @@ DIRECTION_LAYERS = {
     "mlp": ["layers/0", ("layers", 1)],
     "cnn": ["c1", "c2", "c4", "fc"],
     "sequence": ["token", "head"],
-    "shared": ["shared", "out"],
+    "shared": ["alias", "out"],
     "embed": ["token", "head"],
 }
 EXPECTED_VMAP = {
@@ -205,7 +228,7 @@ EXPECTED_VMAP = {
     "cnn": set(),
     "sequence": set(),
     "shared": set(),
-    "embed": {("embed", "embedding"), ("norm", "scale"), ("norm", "bias")},
+    "embed": set(),  # embedding rows and LayerNorm scale/offset have fast rules
 }
 
 
@@ -214,21 +237,22 @@ EXPECTED_VMAP = {
 def test_matches_brute_force(kind, size):
     model = MODELS[kind]()
     batch = make_batch(kind, size, seed=size)
-    directions = random_directions(model, DIRECTION_LAYERS[kind], seed=size)
+    directions = random_directions(model, DIRECTION_LAYERS[kind], batch, seed=size)
     stats = per_example_stats(model, regression_loss, batch, directions=directions)
     assert isinstance(stats, PerExampleStats)
     assert stats.total_sq_norms.shape == (size,)
     assert stats.dots.shape == (4, size)
     vmap_paths = {p for p, how in stats.paths.items() if how == VMAP}
     assert vmap_paths == EXPECTED_VMAP[kind]
-    assert set(stats.reasons) == vmap_paths
+    assert set(stats.reasons) == set(stats.paths)
+    assert all(why.startswith("fast: ") for why in stats.reasons.values()), stats.reasons
     check_against_brute_force(model, regression_loss, batch, stats, directions)
 
 
 def test_batch_of_128_on_small_mlp():
     model = MLP(nnx.Rngs(5), sizes=(5, 8, 3))
     batch = make_batch("mlp", 128, seed=11)
-    directions = random_directions(model, ["layers/0", "layers/1"], k=3)
+    directions = random_directions(model, ["layers/0", "layers/1"], batch, k=3)
     stats = per_example_stats(model, regression_loss, batch, directions=directions)
     check_against_brute_force(model, regression_loss, batch, stats, directions)
 
@@ -254,7 +278,7 @@ def test_shared_layer_sums_over_its_calls():
     batch = make_batch("shared", 6)
     stats = per_example_stats(model, regression_loss, batch)
     assert canonical_path(model, "shared") == ("alias",)  # nnx lists a shared module once
-    assert stats.paths[("alias", "kernel")] == FAST
+    assert stats.paths["alias/kernel"] == FAST
     check_against_brute_force(model, regression_loss, batch, stats)
 
 
@@ -266,7 +290,7 @@ def test_model_is_not_modified():
     assert nnx.Linear.__call__.__module__ == "flax.nnx.nn.linear"
 
 
-def test_batchnorm_in_eval_mode_takes_the_vmap_path():
+def test_batchnorm_in_eval_mode_is_exact_on_the_fast_path():
     class Net(nnx.Module):
         def __init__(self, rngs):
             self.fc = nnx.Linear(5, 8, rngs=rngs)
@@ -282,7 +306,7 @@ def test_batchnorm_in_eval_mode_takes_the_vmap_path():
         per_example_stats(model, regression_loss, batch)
     model.eval()
     stats = per_example_stats(model, regression_loss, batch)
-    assert stats.paths[("bn", "scale")] == VMAP and stats.paths[("fc", "kernel")] == FAST
+    assert stats.paths["bn/scale"] == FAST and stats.paths["fc/kernel"] == FAST
     check_against_brute_force(model, regression_loss, batch, stats)
 
 
@@ -309,7 +333,7 @@ def test_runs_inside_jit_with_a_traced_model():
     model = MODELS["embed"]()
     graphdef, state = nnx.split(model)
     batch = make_batch("embed", 5)
-    directions = random_directions(model, ["token"])
+    directions = random_directions(model, ["token"], batch)
 
     @jax.jit
     def stats_fn(state, batch, directions):
@@ -332,7 +356,7 @@ def test_sharded_batch_equals_unsharded(kind, axis_type):
     assert jax.device_count() == 8
     model = MODELS[kind]()
     batch = make_batch(kind, 16, seed=4)
-    directions = random_directions(model, DIRECTION_LAYERS[kind])
+    directions = random_directions(model, DIRECTION_LAYERS[kind], batch)
     expected = per_example_stats(model, regression_loss, batch, directions=directions)
     mesh = jax.make_mesh((8,), ("data",), axis_types=(axis_type,))
     sharded = jax.device_put(batch, NamedSharding(mesh, P("data")))
@@ -364,25 +388,19 @@ def test_loss_fn_must_return_one_loss_per_example():
         per_example_stats(model, "mse", batch)
 
 
-def test_directions_must_match_the_layers():
+def test_directions_must_match_the_parameters():
     model, batch = MODELS["mlp"](), make_batch("mlp", 4)
-    good = random_directions(model, ["layers/0"], k=2)["layers/0"]
-    v, u = good
-    with pytest.raises(ValueError, match=r"`directions`\['layers/0'\] v must have shape \(K, 5\)"):
-        per_example_stats(model, regression_loss, batch, directions={"layers/0": (v.T, u)})
-    with pytest.raises(ValueError, match=r"`directions`\['layers/0'\] u must have shape \(K, 16\)"):
-        per_example_stats(model, regression_loss, batch, directions={"layers/0": (v, u[:, :3])})
-    with pytest.raises(ValueError, match="`directions` key 'fc9' is not an nnx.Linear"):
-        per_example_stats(model, regression_loss, batch, directions={"fc9": good})
-    with pytest.raises(ValueError, match="`directions` must all hold the same number K"):
-        per_example_stats(model, regression_loss, batch, directions={"layers/0": (v, u[:1])})
-    other = random_directions(model, ["layers/1"], k=3)["layers/1"]
-    with pytest.raises(ValueError, match="`directions` must all hold the same number K"):
-        per_example_stats(
-            model, regression_loss, batch, directions={"layers/0": good, "layers/1": other}
-        )
-    with pytest.raises(ValueError, match="must be a pair"):
-        per_example_stats(model, regression_loss, batch, directions={"layers/0": v})
+    good = random_directions(model, ["layers/0"], batch, k=2)
+    v, u = good["layers/0/kernel"]
+    with pytest.raises(ValueError, match=r"`directions\['layers/0/kernel'\]` factors of shapes"):
+        per_example_stats(model, regression_loss, batch, directions={"layers/0/kernel": (v.T, u)})
+    with pytest.raises(ValueError, match="`directions` names 'layers/0', which is not a param"):
+        per_example_stats(model, regression_loss, batch, directions={"layers/0": (v, u)})
+    with pytest.raises(ValueError, match=r"has 1 directions; others have 2"):
+        per_example_stats(model, regression_loss, batch, directions={"layers/0/kernel": (v, u[:1])})
+    other = random_directions(model, ["layers/1"], batch, k=3)
+    with pytest.raises(ValueError, match=r"has 3 directions; others have 2"):
+        per_example_stats(model, regression_loss, batch, directions={**good, **other})
     with pytest.raises(TypeError, match="`directions` must be a mapping"):
         per_example_stats(model, regression_loss, batch, directions=[good])
 

@@ -1,4 +1,5 @@
-"""Tests for jaxeff.pergrad.value_grad_and_stats against jax.grad of the weighted loss."""
+"""The nnx form's value_grad_and_stats (jaxeff.pergrad.stats) against jax.grad of the
+weighted loss."""
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +18,8 @@ from test_pergrad import (
     regression_loss,
 )
 
-from jaxeff.pergrad import VMAP, check_directions, per_example_stats, rules, value_grad_and_stats
+from jaxeff.pergrad import VMAP, check_directions, rules
+from jaxeff.pergrad.stats import per_example_stats, value_grad_and_stats
 
 
 def random_weights(size, seed=0):
@@ -53,7 +55,7 @@ def test_gradient_equals_jax_grad_of_the_weighted_loss(kind, weighted):
     model = MODELS[kind]()
     batch = make_batch(kind, 7, seed=2)
     weights = random_weights(7) if weighted else None
-    directions = random_directions(model, DIRECTION_LAYERS[kind], seed=1)
+    directions = random_directions(model, DIRECTION_LAYERS[kind], batch, seed=1)
     loss, grads, stats = value_grad_and_stats(
         model, regression_loss, batch, weights=weights, directions=directions
     )
@@ -159,7 +161,7 @@ def test_inside_jit_and_without_recompiling():
 
     model = MODELS["cnn"]()
     graphdef, state = nnx.split(model)
-    directions = random_directions(model, ["c1", "fc"])
+    directions = random_directions(model, ["c1", "fc"], make_batch("cnn", 4))
 
     @jax.jit
     def fn(state, batch, weights, directions):
@@ -196,7 +198,7 @@ def test_sharded_batch_equals_unsharded(kind, axis_type):
     model = MODELS[kind]()
     batch = make_batch(kind, 16, seed=4)
     weights = random_weights(16, seed=2)
-    directions = random_directions(model, DIRECTION_LAYERS[kind])
+    directions = random_directions(model, DIRECTION_LAYERS[kind], batch)
     expected = value_grad_and_stats(
         model, regression_loss, batch, weights=weights, directions=directions
     )
@@ -243,14 +245,15 @@ def test_gradient_from_outer_products_on_explicitly_sharded_batch(monkeypatch):
     jax.tree.map(lambda a, e: close(a, e, rtol=1e-5), actual, expected)
 
 
-def test_check_directions_canonical_paths():
+def test_check_directions_by_parameter_path():
     model = MODELS["shared"]()
-    directions = random_directions(model, ["shared", ("out",)], k=2)
-    checked = check_directions(model, directions)
-    assert set(checked) == {("alias",), ("out",)}
-    assert check_directions(model, None) == {}
-    with pytest.raises(ValueError, match="`directions` key 'nope'"):
-        check_directions(model, {"nope": directions["shared"]})
+    params = nnx.state(model, nnx.Param)
+    directions = random_directions(model, ["shared", ("out",)], make_batch("shared", 2), k=2)
+    checked = check_directions(params, directions)
+    assert set(checked) == {"alias/kernel", "alias/bias", "out/kernel", "out/bias"}
+    assert check_directions(params, None) == {}
+    with pytest.raises(ValueError, match="`directions` names 'nope', which is not a param"):
+        check_directions(params, {"nope": directions["out/bias"]})
 
 
 def test_bad_weights_and_aux_raise_clear_errors():

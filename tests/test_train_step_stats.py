@@ -12,7 +12,8 @@ from flax import nnx
 from jax.sharding import AxisType
 from test_pergrad import brute_force_dots, brute_force_grads
 
-from jaxeff.pergrad import PerExampleStats, direction_shapes, per_example_stats
+from jaxeff.pergrad import PerExampleStats
+from jaxeff.pergrad.stats import per_example_stats
 from jaxeff.train import (
     create_train_state,
     data_sharding,
@@ -101,28 +102,31 @@ def record_stats(batch_size=16):
 
 
 class Centres(NamedTuple):
-    """Rank-1 directions per layer, as gradient-cluster centres would be held."""
+    """Directions per parameter, as gradient-cluster centres would be held."""
 
-    directions: dict  # {layer name: (v (K, d_in), u (K, d_out))}
+    directions: dict  # {"fc1/kernel": (v (K, d_in), u (K, d_out)), "fc1/bias": (u (K, d),)}
     last_dots: jax.Array  # (K, B)
 
 
 def hold_centres(model, k=3, seed=0):
     """An ExtraArgs transform holding directions; each step halves ``v`` and keeps the dots."""
     rng = np.random.default_rng(seed)
-    initial = {
-        "/".join(map(str, path)): (
-            jnp.asarray(rng.normal(size=(k, d_in)), jnp.float32),
-            jnp.asarray(rng.normal(size=(k, d_out)), jnp.float32),
+
+    def normal(*shape):
+        return jnp.asarray(rng.normal(size=(k, *shape)), jnp.float32)
+
+    initial = {}
+    for path, value in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        shape, name = value.get_value().shape, "/".join(map(str, path))
+        initial[name] = (
+            (normal(*shape[:-1]), normal(shape[-1])) if len(shape) > 1 else (normal(*shape),)
         )
-        for path, (d_in, d_out) in direction_shapes(model).items()
-    }
 
     def init(params):
         return Centres(initial, jnp.zeros((k, 16)))
 
     def update(updates, state, params=None, *, per_example_stats=None, **extra):
-        halved = {name: (0.5 * v, u) for name, (v, u) in state.directions.items()}
+        halved = {name: (0.5 * f[0], *f[1:]) for name, f in state.directions.items()}
         return updates, Centres(halved, per_example_stats.dots)
 
     return optax.GradientTransformationExtraArgs(init, update)
@@ -218,14 +222,15 @@ def test_directions_come_from_the_optimizer_state():
         before = merge_model(graphdef, state)
         state, _, stats = step(state, batch, {"scale": 1.0})
         grads = brute_force_grads(before, stats_loss, batch)
-        expected = brute_force_dots(before, grads, directions)
-        assert set(stats.layer_dots) == {("fc1",), ("fc2",)}
+        expected = brute_force_dots(grads, directions)
+        assert set(stats.leaf_dots) == {"fc1/kernel", "fc1/bias", "fc2/kernel", "fc2/bias"}
         for path, dots in expected.items():
-            np.testing.assert_allclose(stats.layer_dots[path], dots, rtol=2e-5, atol=1e-6)
+            np.testing.assert_allclose(stats.leaf_dots[path], dots, rtol=2e-5, atol=1e-6)
         np.testing.assert_allclose(stats.dots, sum(expected.values()), rtol=2e-5, atol=1e-6)
         np.testing.assert_allclose(state.opt_state[0].last_dots, stats.dots, rtol=1e-6)
     np.testing.assert_allclose(
-        centres_of(state)["fc1"][0], 0.25 * hold_centres(model).init(None).directions["fc1"][0]
+        centres_of(state)["fc1/kernel"][0],
+        0.25 * hold_centres(model).init(None).directions["fc1/kernel"][0],
     )
 
 
@@ -315,22 +320,22 @@ def test_bad_inputs_raise_clear_errors():
         step(state, batch, hparams)
 
     def wrong_shapes(state):
-        v, u = centres_of(state)["fc2"]
-        return {"fc2": (v.T, u)}
+        v, u = centres_of(state)["fc2/kernel"]
+        return {"fc2/kernel": (v.T, u)}
 
     step = make_train_step(
         graphdef, per_example_mse, tx, per_example_stats=True, directions_fn=wrong_shapes
     )
     with pytest.raises(
         ValueError,
-        match=r"`directions_fn\(state\)` returned unusable directions: `directions`\['fc2'\] v "
-        r"must have shape \(K, 8\)",
+        match=r"`directions_fn\(state\)` returned unusable directions: "
+        r"`directions\['fc2/kernel'\]` factors of shapes",
     ):
         step(state, batch, hparams)
     step = make_train_step(
         graphdef, per_example_mse, tx, per_example_stats=True, directions_fn=lambda s: {"fc9": 1}
     )
-    with pytest.raises(ValueError, match=r"`directions_fn\(state\)`.*'fc9' is not an nnx.Linear"):
+    with pytest.raises(ValueError, match=r"`directions_fn\(state\)`.*'fc9', which is not a param"):
         step(state, batch, hparams)
 
     step = make_train_step(graphdef, per_example_mse, tx, per_example_stats=True)

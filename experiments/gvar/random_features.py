@@ -263,8 +263,8 @@ class FixedWeights(nnx.Variable):
     """Weights that belong to the model's state but are not an ``nnx.Param``.
 
     ``nnx.state(model, nnx.Param)`` leaves them out, so gradients, optimizers and gradient
-    clustering (which cluster the ``nnx.Param`` s of ``nnx.Linear``/``nnx.Conv`` layers)
-    never touch them.
+    clustering (which clusters the parameter leaves, the ``nnx.Param`` s split off with
+    ``nnx.split(model, nnx.Param, ...)``) never touch them.
     """
 
 
@@ -432,8 +432,7 @@ def make_estimators(config, model: RandomFeaturesNet, *, seed: int):
         "sgd": gvar.sgd_estimator(params_loss, batch_size=b, replace=g.replace),
         "sgd_2b": gvar.sgd_estimator(params_loss, batch_size=2 * b, replace=g.replace),
         "gc": clustering.gc_estimator(
-            model,
-            example_loss,
+            params_loss,
             batch_size=b,
             num_clusters=g.num_clusters,
             num_passes=g.num_passes,

@@ -331,6 +331,34 @@ def make_example_loss(config):
     return squared_error if config.data.name == "linreg" else cross_entropy
 
 
+@functools.cache
+def _parameters_only_loss(graphdef, example_loss):
+    """The loss of :func:`make_params_loss` for a model whose only variables are its
+    parameters; cached, so equal graphs and the same loss give the same object."""
+
+    def loss(params, batch):
+        return example_loss(nnx.merge(graphdef, params), batch)
+
+    return loss
+
+
+def make_params_loss(graphdef, model_state, example_loss):
+    """``loss(params, batch) -> (B,)``: ``example_loss`` of the model at ``params``.
+
+    For a model with no variables besides its parameters (every model of
+    :mod:`experiments.gvar.models`) it is one function object per graph and loss, so the
+    jitted passes that take it (clustering, importance scores, the exact statistics)
+    compile once per process, not once per run.
+    """
+    if not jax.tree.leaves(model_state):
+        return _parameters_only_loss(graphdef, example_loss)
+
+    def loss(params, batch):
+        return example_loss(nnx.merge(graphdef, params, model_state), batch)
+
+    return loss
+
+
 def make_eval_fn(graphdef, example_loss, classification_task: bool, chunk_size: int):
     """``evaluate(params, model_state, arrays) -> {"loss", "accuracy"?}`` over all rows."""
 
@@ -361,12 +389,11 @@ def make_eval_fn(graphdef, example_loss, classification_task: bool, chunk_size: 
 # ----------------------------------------------------------------------------------------
 # Measurement.
 # ----------------------------------------------------------------------------------------
-def make_estimators(config, loss_fn, model) -> dict[str, gvar.GradientEstimator]:
-    """The estimators of ``config.gvar.estimators``; ``loss_fn(params, batch)`` the
-    per-example loss at parameters ``params`` of ``model`` (whose graph GC and importance
-    sampling read per-example statistics from)."""
+def make_estimators(config, loss_fn) -> dict[str, gvar.GradientEstimator]:
+    """The estimators of ``config.gvar.estimators``; ``loss_fn(params, batch) -> (B,)`` the
+    per-example loss at parameters ``params`` (GC and importance sampling also read the
+    per-example statistics of its gradients)."""
     b, g = config.batch_size, config.gvar
-    example_loss = make_example_loss(config)
     factories = {
         "sgd": lambda: gvar.sgd_estimator(loss_fn, batch_size=b, replace=g.replace),
         "sgd_2b": lambda: gvar.sgd_estimator(loss_fn, batch_size=2 * b, replace=g.replace),
@@ -374,8 +401,7 @@ def make_estimators(config, loss_fn, model) -> dict[str, gvar.GradientEstimator]
             loss_fn, batch_size=b, replace=g.replace, chunk_size=g.chunk_size
         ),
         "gc": lambda: clustering.gc_estimator(
-            model,
-            example_loss,
+            loss_fn,
             batch_size=b,
             num_clusters=config.gc.num_clusters,
             num_passes=config.gc.num_passes,
@@ -386,8 +412,7 @@ def make_estimators(config, loss_fn, model) -> dict[str, gvar.GradientEstimator]
             seed=config.gc.seed,
         ),
         "importance": lambda: clustering.importance_estimator(
-            model,
-            example_loss,
+            loss_fn,
             batch_size=b,
             score=g.importance_score,
             smoothing=g.importance_smoothing,
@@ -483,13 +508,8 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
 
     # Measurement: separate PRNG stream, a copy of the parameters on one device -----------
     model_state = _local_copy(state.model_state, device)
-
-    def params_loss(params, batch):
-        return example_loss(nnx.merge(graphdef, params, model_state), batch)
-
-    estimators = make_estimators(
-        config, params_loss, nnx.merge(graphdef, _local_copy(state.params, device), model_state)
-    )
+    params_loss = make_params_loss(graphdef, model_state, example_loss)
+    estimators = make_estimators(config, params_loss)
     # SGD's states are fixed; SVRG's is a snapshot; GC and importance sampling are set up
     # at each measured point (clusters / scores at those parameters).
     stateless = {n: est.init(None, data.train) for n, est in estimators.items() if n in STATELESS}
@@ -515,10 +535,9 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
 
     def recluster(state, gc_clusters):
         """Clusters the training set at ``state``'s parameters, from the previous centres."""
-        model_here = nnx.merge(graphdef, measurement_params(state), model_state)
         return clustering.cluster_examples(
-            model_here,
-            example_loss,
+            params_loss,
+            measurement_params(state),
             train_on_device,
             num_clusters=config.gc.num_clusters,
             key=jax.random.key(config.gc.seed),
@@ -560,7 +579,8 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
         params_here = measurement_params(state)
         empty_clusters = None
         if use_gc_sampler:
-            shapes = clustering.cluster_layers(model)
+            first_rows = {k: v[:1] for k, v in data.train.items()}
+            shapes = clustering.cluster_leaves(params_loss, params_here, first_rows)
             empty_clusters = clustering.ClusterState(
                 clustering.zero_directions(shapes, config.gc.num_clusters),
                 jnp.zeros((config.gc.num_clusters,), jnp.float32),
@@ -605,8 +625,8 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
         )
         if config.gvar.exact:
             moments = gvar.gradient_moments(
-                nnx.merge(graphdef, params, model_state),
-                example_loss,
+                params_loss,
+                params,
                 train_on_device,
                 chunk_size=config.gvar.chunk_size,
             )

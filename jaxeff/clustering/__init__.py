@@ -2,13 +2,15 @@
 
 Faghri, Duvenaud, Fleet, Ba, "A Study of Gradient Variance in Deep Learning",
 https://arxiv.org/abs/2007.04532. Examples whose gradients look alike are redundant; GC
-groups them into ``K`` clusters with rank-1 centres per Dense/Conv layer (distances from
-the fast-path per-example statistics of :mod:`jaxeff.pergrad`, no per-example gradient
-formed), and mini-batches drawn stratified over the clusters with weights
-``N_k/(N n_k)`` give an unbiased gradient estimate with lower variance.
+groups them into ``K`` clusters with factored centres per parameter leaf (rank 1 on a
+kernel; distances from the per-example statistics of :mod:`jaxeff.pergrad`, for any
+``loss_fn(params, batch)``, no per-example gradient formed), and mini-batches drawn
+stratified over the clusters with weights ``N_k/(N n_k)`` give an unbiased gradient
+estimate with lower variance.
 
 * State and assignment (:mod:`~jaxeff.clustering.centres`): :class:`ClusterState`,
-  :func:`distances`, :func:`assign` (``argmin_k (N_k + 1)||g_i − C_k||²``).
+  :func:`cluster_leaves` (what can be clustered), :func:`distances`, :func:`assign`
+  (``argmin_k (N_k + 1)||g_i − C_k||²``).
 * Batch mode (:mod:`~jaxeff.clustering.batch_mode`): :func:`init_clusters`,
   :func:`clustering_pass` (assign a pass, then update), :func:`batch_update`.
 * Online mode (:mod:`~jaxeff.clustering.online`): :func:`online_update`, and as an optax
@@ -30,10 +32,9 @@ from jaxeff.clustering.centres import (
     AssignmentCounts,
     ClusterState,
     assign,
-    cluster_layers,
+    cluster_leaves,
     distances,
     init_from_stats,
-    layer_name,
     size_weighted_argmin,
     zero_directions,
 )
@@ -78,7 +79,7 @@ __all__ = [
     "assign",
     "batch_update",
     "cluster_examples",
-    "cluster_layers",
+    "cluster_leaves",
     "cluster_sums",
     "clustering_pass",
     "distances",
@@ -92,7 +93,6 @@ __all__ = [
     "importance_variance",
     "init_clusters",
     "init_from_stats",
-    "layer_name",
     "online_update",
     "slots_per_cluster",
     "size_weighted_argmin",

@@ -2,7 +2,8 @@ r"""Batch-mode gradient clustering: full passes over (a subset of) the data, ass
 
 One pass is one Lloyd iteration of the size-weighted objective: every example is assigned
 with the current centres and sizes (:func:`jaxeff.clustering.assign`), then each centre
-becomes the outer product of its cluster's mean input and mean backprop signal, each size
+becomes the outer product of its cluster's factor means (for a Dense kernel the mean input
+and the mean backprop signal; for a bias the mean gradient), each size
 the cluster's count, and any cluster below ``min_fraction`` of the examples is re-seeded
 by splitting the cluster of highest distortion (:func:`split_small_clusters`). Faghri,
 Duvenaud, Fleet, Ba, "A Study of Gradient Variance in Deep Learning",
@@ -18,13 +19,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 from jax.experimental import multihost_utils
 
 from jaxeff.clustering.centres import (
     AssignmentCounts,
     ClusterState,
-    cluster_layers,
+    cluster_leaves,
     distances,
     init_from_stats,
     size_weighted_argmin,
@@ -52,7 +52,7 @@ def batch_update(state: ClusterState, sums: ClusterSums, *, min_fraction: float)
 
     .. math::
 
-       v_k = A_k / n_k, \qquad u_k = S_k / n_k, \qquad N_k = n_k,
+       f_{k,j} = F_{k,j} / n_k, \qquad N_k = n_k,
 
     for every cluster with members (an empty one keeps its centre), then clusters below
     ``min_fraction · Σ_k n_k`` are re-seeded (:func:`split_small_clusters`). Pure, jittable.
@@ -67,14 +67,13 @@ def batch_update(state: ClusterState, sums: ClusterSums, *, min_fraction: float)
     """
     _check_fraction(min_fraction)
     has = sums.counts > 0
-    safe = jnp.where(has, sums.counts, 1.0)[:, None]
-    centres = {
-        name: (
-            jnp.where(has[:, None], sums.input_sums[name] / safe, v),
-            jnp.where(has[:, None], sums.signal_sums[name] / safe, u),
-        )
-        for name, (v, u) in state.centres.items()
-    }
+    safe = jnp.where(has, sums.counts, 1.0)
+
+    def mean(centre, total):
+        shape = (-1, *[1] * (centre.ndim - 1))
+        return jnp.where(has.reshape(shape), total / safe.reshape(shape), centre)
+
+    centres = jax.tree.map(mean, state.centres, sums.factor_sums)
     centres, sizes = split_small_clusters(centres, sums.counts, sums, min_fraction=min_fraction)
     return ClusterState(centres, sizes, state.count + 1)
 
@@ -87,10 +86,9 @@ def _on_host(x) -> np.ndarray:
     return np.asarray(jax.device_get(x))
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "loss_fn", "size_weighted"))
-def _assign_batch(params, rest, batch, mask, state, so_far, *, graphdef, loss_fn, size_weighted):
-    model = nnx.merge(graphdef, params, rest)
-    stats = per_example_stats(model, loss_fn, batch, directions=state.centres, with_sum_sq=False)
+@functools.partial(jax.jit, static_argnames=("loss_fn", "size_weighted"))
+def _assign_batch(params, batch, mask, state, so_far, *, loss_fn, size_weighted):
+    stats = per_example_stats(loss_fn, params, batch, directions=state.centres, with_sum_sq=False)
     dist = distances(state, stats)
     if size_weighted:
         assignments, so_far = size_weighted_argmin(dist, state.sizes, mask=mask, so_far=so_far)
@@ -99,64 +97,60 @@ def _assign_batch(params, rest, batch, mask, state, so_far, *, graphdef, loss_fn
     return assignments, cluster_sums(state, stats, assignments, dist, mask=mask), so_far
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "loss_fn", "num_clusters", "layers"))
-def _seed(params, rest, batch, key, *, graphdef, loss_fn, num_clusters, layers):
-    model = nnx.merge(graphdef, params, rest)
-    shapes = dict(layers)
+@functools.partial(jax.jit, static_argnames=("loss_fn", "num_clusters", "leaves"))
+def _seed(params, batch, key, *, loss_fn, num_clusters, leaves):
+    shapes = dict(leaves)
     stats = per_example_stats(
-        model, loss_fn, batch, directions=zero_directions(shapes, 1), with_sum_sq=False
+        loss_fn, params, batch, directions=zero_directions(shapes, 1), with_sum_sq=False
     )
-    return init_from_stats(stats, num_clusters=num_clusters, key=key, layers=list(shapes))
+    return init_from_stats(stats, num_clusters=num_clusters, key=key, leaves=list(shapes))
 
 
 def init_clusters(
-    model: nnx.Module,
-    loss_fn: Callable[[nnx.Module, Any], jax.Array],
+    loss_fn: Callable[[Any, Any], jax.Array],
+    params,
     batch,
     *,
     num_clusters: int,
     key: jax.Array,
-    layers=None,
+    leaves=None,
 ) -> ClusterState:
     """``K`` clusters seeded at ``K`` distinct examples of ``batch`` (see
     :func:`jaxeff.clustering.init_from_stats`).
 
     Args:
-      model: an ``nnx.Module``; the clustered layers are its ``nnx.Linear``/``nnx.Conv``
-        layers (all of them, or those named in ``layers``), which must take the fast path
-        of :func:`jaxeff.pergrad.per_example_stats`.
-      loss_fn: ``loss_fn(model, batch) -> (B,)`` per-example losses.
+      loss_fn: ``loss_fn(params, batch) -> (B,)`` per-example losses (any framework:
+        :mod:`jaxeff.pergrad.engine` shows linen, nnx, equinox and haiku).
+      params: the parameter pytree.
       batch: pytree of arrays with ``B >= num_clusters`` examples on the leading axis.
       num_clusters: ``K``.
       key: PRNG key choosing the seeds.
-      layers: optional layer paths to cluster on.
+      leaves: optional parameter paths to cluster on (:func:`jaxeff.clustering.cluster_leaves`;
+        ``None``: every leaf that can be).
 
     Returns:
       A :class:`ClusterState`.
 
     Example::
 
-      state = init_clusters(model, loss_fn, first_batch, num_clusters=8, key=jax.random.key(0))
+      state = init_clusters(loss_fn, params, first_batch, num_clusters=8, key=jax.random.key(0))
       for _ in range(3):
-          state, assignments = clustering_pass(model, loss_fn, batches(), state)
+          state, assignments = clustering_pass(loss_fn, params, batches(), state)
     """
-    shapes = cluster_layers(model, layers)
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    shapes = cluster_leaves(loss_fn, params, batch, leaves)
     return _seed(
         params,
-        rest,
         batch,
         key,
-        graphdef=graphdef,
         loss_fn=loss_fn,
         num_clusters=num_clusters,
-        layers=tuple(shapes.items()),
+        leaves=tuple(shapes.items()),
     )
 
 
 def clustering_pass(
-    model: nnx.Module,
-    loss_fn: Callable[[nnx.Module, Any], jax.Array],
+    loss_fn: Callable[[Any, Any], jax.Array],
+    params,
     batches: Iterable,
     state: ClusterState,
     *,
@@ -176,8 +170,8 @@ def clustering_pass(
     process gets all the assignments.
 
     Args:
-      model: the ``nnx.Module`` at the parameters to cluster the gradients of.
-      loss_fn: ``loss_fn(model, batch) -> (B,)`` per-example losses.
+      loss_fn: ``loss_fn(params, batch) -> (B,)`` per-example losses.
+      params: the parameters to cluster the gradients at.
       batches: an iterable of batches (pytrees of arrays with a leading example axis; the
         last may be smaller, or padded and marked with a boolean ``batch[mask_key]``).
       state: the current :class:`ClusterState`.
@@ -192,22 +186,13 @@ def clustering_pass(
       assigned with ``state``: the clusters the new centres average.
     """
     _check_fraction(min_fraction)
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     total, parts = empty_sums(state), []
     k = state.sizes.shape[0]
     so_far = AssignmentCounts(jnp.zeros((k,), jnp.float32), jnp.zeros((), jnp.float32))
     for batch in batches:
         mask = batch.get(mask_key) if isinstance(batch, dict) else None
         assignments, sums, so_far = _assign_batch(
-            params,
-            rest,
-            batch,
-            mask,
-            state,
-            so_far,
-            graphdef=graphdef,
-            loss_fn=loss_fn,
-            size_weighted=size_weighted,
+            params, batch, mask, state, so_far, loss_fn=loss_fn, size_weighted=size_weighted
         )
         total = _add_sums_jit(total, sums)
         assignments = _on_host(assignments)  # the whole batch's, also on many processes

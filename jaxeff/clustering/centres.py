@@ -1,21 +1,22 @@
-r"""Gradient clusters with rank-1 centres: the state, distances and size-weighted assignment.
+r"""Gradient clusters with factored centres: the state, distances and size-weighted assignment.
 
-Each of ``K`` clusters has, for every clustered Dense/Conv layer ``L``, a rank-1 centre
-``C_{k,L} = v_{k,L} u_{k,L}ᵀ`` on the kernel (the kernel seen as the ``d_in × d_out``
-matrix of :func:`jaxeff.pergrad.direction_shapes`) and ``u_{k,L}`` on the bias, stored as
-the two vectors, never as a matrix. With example ``i``'s gradient ``g_{i,L}`` (kernel and
-bias) the squared distance is
+Each of ``K`` clusters has, for every clustered parameter leaf ``p``, a centre ``C_{k,p}``
+stored as the factors of :func:`jaxeff.pergrad.direction_shapes`: for a leaf used as a
+matrix (a Dense or Conv kernel, an embedding table) the rank-1 ``v_{k,p} ⊗ u_{k,p}`` in its
+``(contracting, free)`` split, never formed; for a leaf given one factor (a bias, a norm
+scale) the dense ``C_{k,p}``. With example ``i``'s gradient ``g_{i,p}`` the squared distance is
 
 .. math::
 
-   d_{ik} = \sum_L \|g_{i,L} - C_{k,L}\|^2
-          = \sum_L \Big(\|g_{i,L}\|^2 - 2\langle g_{i,L}, C_{k,L}\rangle
-            + \|v_{k,L}\|^2\|u_{k,L}\|^2 + [\text{bias}_L]\,\|u_{k,L}\|^2\Big),
+   d_{ik} = \sum_p \|g_{i,p} - C_{k,p}\|^2
+          = \sum_p \Big(\|g_{i,p}\|^2 - 2\langle g_{i,p}, C_{k,p}\rangle
+            + \prod_j \|f_{k,p,j}\|^2\Big),
 
-where ``||g_{i,L}||²`` and ``<g_{i,L}, C_{k,L}>`` come from the fast path of
-:func:`jaxeff.pergrad.per_example_stats` (``sq_norms`` and ``layer_dots``, computed with
-``directions=state.centres``): no per-example gradient is materialised. Example ``i`` goes
-to the cluster of least size-weighted distance
+where ``||g_{i,p}||²`` and ``<g_{i,p}, C_{k,p}>`` come from
+:func:`jaxeff.pergrad.per_example_stats` (``sq_norms`` and ``leaf_dots``, computed with
+``directions=state.centres``) and ``f_{k,p,j}`` are the centre's factors: no per-example
+gradient is materialised for a factored leaf. Example ``i`` goes to the cluster of least
+size-weighted distance
 
 .. math::
 
@@ -36,19 +37,17 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
 from jaxeff._sharding import gather_explicit
-from jaxeff.pergrad import direction_shapes
+from jaxeff.pergrad import direction_shapes, param_paths, per_example_stats
 
 __all__ = [
     "AssignmentCounts",
     "ClusterState",
     "assign",
-    "cluster_layers",
+    "cluster_leaves",
     "distances",
     "init_from_stats",
-    "layer_name",
     "size_weighted_argmin",
     "zero_directions",
 ]
@@ -58,9 +57,9 @@ class ClusterState(NamedTuple):
     """The state of a gradient clustering: a pytree that checkpoints with the rest of training.
 
     Attributes:
-      centres: ``{layer name: (v, u)}``, ``v`` of shape ``(K, d_in)`` and ``u`` of shape
-        ``(K, d_out)``; the layer name is its path joined by ``"/"`` (``"layers/0"``), so
-        ``centres`` is itself the ``directions`` argument of
+      centres: ``{parameter path: factors}``, each factor ``(K, *S_j)`` with the shapes of
+        :func:`jaxeff.pergrad.direction_shapes` (``(v, u)`` for a kernel, ``(c,)`` for a
+        bias), so ``centres`` is itself the ``directions`` argument of
         :func:`jaxeff.pergrad.per_example_stats`.
       sizes: ``(K,)`` float32 cluster sizes ``N_k`` (examples per pass in batch mode, the
         moving average of examples per batch online).
@@ -72,51 +71,68 @@ class ClusterState(NamedTuple):
     count: jax.Array
 
 
-def layer_name(path) -> str:
-    """A layer path tuple (as ``nnx.iter_graph`` lists it) joined by ``"/"``."""
-    return path if isinstance(path, str) else "/".join(map(str, path))
+def zero_directions(shapes: dict, num_clusters: int) -> dict:
+    """``{path: zeros (K, *S_j) for each factor}``: directions that only make
+    :func:`jaxeff.pergrad.per_example_stats` return the leaves' factors."""
+    return {
+        path: tuple(jnp.zeros((num_clusters, *shape), jnp.float32) for shape in split)
+        for path, split in shapes.items()
+    }
 
 
-def cluster_layers(model: nnx.Module, layers=None) -> dict[str, tuple[int, int]]:
-    """``{layer name: (d_in, d_out)}`` of the layers to cluster on.
+def cluster_leaves(loss_fn, params, batch, leaves=None) -> dict[str, tuple]:
+    """``{path: factor shapes}`` of the parameter leaves to cluster on.
+
+    A leaf can be clustered when :func:`jaxeff.pergrad.per_example_stats` gives its
+    per-example factors in the split of :func:`jaxeff.pergrad.direction_shapes`: every
+    leaf given one factor, and a matrix leaf whose per-example gradient is one sum of
+    outer products in its split (Dense, Conv with one feature group, an embedding table,
+    tied or not). Traces ``loss_fn`` abstractly; nothing is computed.
 
     Args:
-      model: an ``nnx.Module``.
-      layers: layer paths (tuples or names joined by ``"/"``) of ``nnx.Linear``/``nnx.Conv``
-        layers; ``None``: every such layer of the model.
+      loss_fn: ``loss_fn(params, batch) -> (B,)`` per-example losses.
+      params: the parameter pytree (arrays or ``jax.ShapeDtypeStruct``).
+      batch: a batch (arrays or ``jax.ShapeDtypeStruct``) with the example axis first.
+      leaves: parameter paths (``"Dense_0/kernel"``, as :func:`jaxeff.pergrad.param_paths`)
+        to cluster on; ``None``: every leaf that can be.
 
     Raises:
-      ValueError: naming ``layers``, for a path that is not a Dense/Conv layer of the model,
-        or when the model has no such layer.
+      ValueError: naming ``leaves``, for a path that is not a parameter or cannot be
+        clustered (with the reason), or when none can be.
     """
-    shapes = {layer_name(path): shape for path, shape in direction_shapes(model).items()}
-    if not shapes:
-        raise ValueError(
-            "`model` has no nnx.Linear/nnx.Conv layer; gradient clustering needs at least one."
-        )
-    if layers is None:
-        return shapes
-    chosen = {}
-    for path in layers:
-        name = layer_name(path)
-        if name not in shapes:
+    shapes = direction_shapes(loss_fn, params, batch)
+    probe = jax.eval_shape(
+        lambda p, b: per_example_stats(
+            loss_fn, p, b, directions=zero_directions(shapes, 1), with_sum_sq=False
+        ),
+        params,
+        batch,
+    )
+    usable = {path: split for path, split in shapes.items() if path in probe.factors}
+    if leaves is None:
+        if not usable:
             raise ValueError(
-                f"`layers` names {name!r}, which is not an nnx.Linear/nnx.Conv layer of the "
-                f"model; layers: {sorted(shapes)}."
+                "no parameter leaf of `params` can be clustered (see "
+                "jaxeff.pergrad.per_example_stats(...).reasons)."
             )
-        chosen[name] = shapes[name]
+        return usable
+    if isinstance(leaves, str):
+        leaves = [leaves]
+    chosen = {}
+    for path in leaves:
+        if path not in shapes:
+            raise ValueError(
+                f"`leaves` names {path!r}, which is not a parameter path; paths: {sorted(shapes)}."
+            )
+        if path not in usable:
+            raise ValueError(
+                f"`leaves` names {path!r}, whose per-example gradient has no factors in the "
+                f"split {shapes[path]} ({probe.reasons[path]}); cluster on other leaves."
+            )
+        chosen[path] = usable[path]
     if not chosen:
-        raise ValueError("`layers` must name at least one layer.")
+        raise ValueError("`leaves` must name at least one parameter leaf.")
     return chosen
-
-
-def zero_directions(shapes: dict, num_clusters: int) -> dict:
-    """``{layer name: (zeros (K, d_in), zeros (K, d_out))}``: directions that only make
-    :func:`jaxeff.pergrad.per_example_stats` return the layers' factors."""
-    return {
-        name: (jnp.zeros((num_clusters, d_in)), jnp.zeros((num_clusters, d_out)))
-        for name, (d_in, d_out) in shapes.items()
-    }
 
 
 def _check_num_clusters(num_clusters) -> None:
@@ -124,88 +140,76 @@ def _check_num_clusters(num_clusters) -> None:
         raise ValueError(f"`num_clusters` must be a positive integer, got {num_clusters!r}.")
 
 
-def _factors(stats, names) -> dict:
-    """``{name: (ā (B, d_in), s (B, d_out))}`` for ``names``, from ``stats.factors``."""
-    found = {layer_name(path): pair for path, pair in (stats.factors or {}).items()}
-    missing = [name for name in names if name not in found]
+def _from_stats(stats, field: str, paths, what: str) -> dict:
+    found = getattr(stats, field) or {}
+    missing = [p for p in paths if p not in found]
     if missing:
         raise ValueError(
-            f"`stats` has no factors for layers {missing}: compute them with "
-            "jaxeff.pergrad.per_example_stats(..., directions=state.centres) (every clustered "
-            "layer must take the fast path; see stats.paths and stats.reasons)."
+            f"`stats` has no {what} for leaves {missing}: compute them with "
+            "jaxeff.pergrad.per_example_stats(..., directions=state.centres) (see "
+            "jaxeff.clustering.cluster_leaves for the leaves that can be clustered)."
         )
-    return {name: found[name] for name in names}
+    return {p: found[p] for p in paths}
 
 
-def _layer_dots(stats, names) -> dict:
-    found = {layer_name(path): dots for path, dots in (stats.layer_dots or {}).items()}
-    missing = [name for name in names if name not in found]
-    if missing:
-        raise ValueError(
-            f"`stats` has no inner products for layers {missing}: compute them with "
-            "directions=state.centres."
-        )
-    return {name: found[name] for name in names}
+def _factors(stats, paths) -> dict:
+    """``{path: per-example factors}`` for ``paths``, from ``stats.factors``."""
+    return _from_stats(stats, "factors", paths, "factors")
 
 
-def _layer_sq_norms(stats, names) -> tuple[dict, dict]:
-    """``({name: (B,) ||g_{i,L}||² of kernel and bias}, {name: has bias})``."""
-    sq, bias = {}, {}
-    for path, value in nnx.to_flat_state(stats.sq_norms):
-        *layer, leaf = path
-        name = layer_name(tuple(layer))
-        if name in names:
-            value = value.get_value() if hasattr(value, "get_value") else value
-            sq[name] = sq.get(name, 0.0) + value
-            bias[name] = bias.get(name, False) or leaf == "bias"
-    return sq, bias
+def _leaf_sq_norms(stats, paths) -> dict:
+    """``{path: (B,) ||g_{i,p}||²}`` for ``paths``."""
+    flat = dict(zip(param_paths(stats.sq_norms), jax.tree.leaves(stats.sq_norms), strict=True))
+    return {p: flat[p] for p in paths}
 
 
-def _seed_distances(factors, has_bias, row):
-    """``(B,)`` ``||g̃_i − g̃_row||²`` between the rank-1 factor gradients ``g̃_i = ā_i s_iᵀ``
-    (and bias ``s_i``), summed over layers; exact for Dense layers on ``(B, d)`` inputs."""
+def _flat(x):
+    return x.reshape(x.shape[0], -1)
+
+
+def _seed_distances(factors, row):
+    """``(B,)`` ``||g̃_i − g̃_row||²`` between the factored gradients (``ā_i ⊗ s_i`` for a
+    matrix leaf, ``g_i`` for a one-factor leaf), summed over leaves."""
     total = 0.0
-    for name, (a, s) in factors.items():
-        a_dots, s_dots = a @ a[row], s @ s[row]
-        a_sq, s_sq = jnp.sum(a * a, axis=1), jnp.sum(s * s, axis=1)
-        total = total + a_sq * s_sq + a_sq[row] * s_sq[row] - 2.0 * a_dots * s_dots
-        if has_bias[name]:
-            total = total + s_sq + s_sq[row] - 2.0 * s_dots
+    for parts in factors.values():
+        dots = sq = 1.0
+        for f in parts:
+            f = _flat(f)
+            dots = dots * (f @ f[row])
+            sq = sq * jnp.sum(f * f, axis=1)
+        total = total + sq + sq[row] - 2.0 * dots
     return jnp.maximum(total, 0.0)
 
 
-def init_from_stats(stats, *, num_clusters: int, key: jax.Array, layers) -> ClusterState:
+def init_from_stats(stats, *, num_clusters: int, key: jax.Array, leaves) -> ClusterState:
     r"""``K`` centres at ``K`` distinct examples of a batch, chosen by D² seeding.
 
-    Centre ``k`` is example ``i_k``'s factors, ``v_k = ā_{i_k}``, ``u_k = s_{i_k}``
-    (``stats.factors``: the mean layer input over positions and the backprop signal summed
-    over positions, the bias gradient); for a Dense layer ``ā_i s_iᵀ`` is example ``i``'s
-    kernel gradient, so each centre starts on a real example's gradient. The first example
-    is uniform; for each next one, ``2 + ⌊ln K⌋`` candidates are drawn with probability
-    proportional to their squared distance to the nearest centre so far, and the one that
-    lowers the total of those distances most is kept (greedy k-means++: Arthur &
-    Vassilvitskii, "k-means++: The Advantages of Careful Seeding", SODA 2007), distances
-    measured between the rank-1 gradients ``ā_i s_iᵀ``. Groups of identical examples thus
-    each get a centre before any gets two.
-    Sizes start equal, ``B / K`` each. Pure and jittable.
+    Centre ``k`` is example ``i_k``'s factors (``stats.factors``): ``ā_{i_k} ⊗ s_{i_k}`` for
+    a matrix leaf (the mean layer input over positions and the backprop signal summed over
+    positions; exactly ``g_{i_k}`` for a Dense layer on ``(B, d)`` inputs) and ``g_{i_k}``
+    for a one-factor leaf, so each centre starts on a real example's gradient. The first
+    example is uniform; for each next one, ``2 + ⌊ln K⌋`` candidates are drawn with
+    probability proportional to their squared distance to the nearest centre so far, and
+    the one that lowers the total of those distances most is kept (greedy k-means++:
+    Arthur & Vassilvitskii, "k-means++: The Advantages of Careful Seeding", SODA 2007).
+    Groups of identical examples thus each get a centre before any gets two. Sizes start
+    equal, ``B / K`` each. Pure and jittable.
 
     Args:
       stats: :class:`jaxeff.pergrad.PerExampleStats` of a batch of ``B >= K`` examples with
-        factors for ``layers`` (e.g. computed with :func:`zero_directions`).
+        factors for ``leaves`` (e.g. computed with :func:`zero_directions`).
       num_clusters: ``K`` (static).
       key: PRNG key choosing the examples.
-      layers: the layer names to cluster on (:func:`cluster_layers`).
+      leaves: the paths to cluster on (:func:`cluster_leaves`).
 
     Returns:
       A :class:`ClusterState` with ``count = 0``.
     """
     _check_num_clusters(num_clusters)
-    names = list(layers)
     factors = {
-        name: tuple(gather_explicit(x.astype(jnp.float32)) for x in pair)
-        for name, pair in _factors(stats, names).items()
+        path: tuple(gather_explicit(x.astype(jnp.float32)) for x in parts)
+        for path, parts in _factors(stats, list(leaves)).items()
     }
-    _, has_bias = _layer_sq_norms(stats, names)
     batch = stats.losses.shape[0]
     if batch < num_clusters:
         raise ValueError(
@@ -226,37 +230,35 @@ def init_from_stats(stats, *, num_clusters: int, key: jax.Array, layers) -> Clus
         weight = jnp.where(jnp.sum(weight) > 0, weight, jnp.where(taken, 0.0, 1.0))
         rows = jax.random.categorical(keys[k], jnp.log(weight), shape=(trials,))
         # Greedy: of the candidates, the one that lowers Σ_i min_k d(i, k) the most.
-        closer = jax.vmap(
-            lambda row: jnp.minimum(nearest, _seed_distances(factors, has_bias, row))
-        )(rows)
+        closer = jax.vmap(lambda row: jnp.minimum(nearest, _seed_distances(factors, row)))(rows)
         best = jnp.argmin(jnp.sum(closer, axis=1))
         row = rows[best]
         return chosen.at[k].set(row), taken.at[row].set(True), closer[best]
 
-    nearest = _seed_distances(factors, has_bias, first)
+    nearest = _seed_distances(factors, first)
     chosen, _, _ = jax.lax.fori_loop(1, num_clusters, pick, (chosen, taken, nearest))
     centres = {
-        name: (jnp.take(a, chosen, axis=0), jnp.take(s, chosen, axis=0))
-        for name, (a, s) in factors.items()
+        path: tuple(jnp.take(f, chosen, axis=0) for f in parts) for path, parts in factors.items()
     }
     sizes = jnp.full((num_clusters,), batch / num_clusters, jnp.float32)
     return ClusterState(centres, sizes, jnp.zeros((), jnp.int32))
 
 
 def distances(state: ClusterState, stats) -> jax.Array:
-    r"""``(B, K)`` squared distances ``d_{ik} = Σ_L ||g_{i,L} − C_{k,L}||²`` (module docstring).
+    r"""``(B, K)`` squared distances ``d_{ik} = Σ_p ||g_{i,p} − C_{k,p}||²`` (module docstring).
 
-    Computed from ``stats.sq_norms`` and ``stats.layer_dots`` (which must be computed with
-    ``directions=state.centres``) in ``O(B K)`` per layer; clipped at 0 against rounding.
+    Computed from ``stats.sq_norms`` and ``stats.leaf_dots`` (which must be computed with
+    ``directions=state.centres``) in ``O(B K)`` per leaf; clipped at 0 against rounding.
     """
-    names = list(state.centres)
-    sq, has_bias = _layer_sq_norms(stats, names)
-    dots = _layer_dots(stats, names)
+    paths = list(state.centres)
+    sq = _leaf_sq_norms(stats, paths)
+    dots = _from_stats(stats, "leaf_dots", paths, "inner products")
     total = 0.0
-    for name, (v, u) in state.centres.items():
-        u_sq = jnp.sum(jnp.square(u), axis=1)
-        centre_sq = jnp.sum(jnp.square(v), axis=1) * u_sq + (u_sq if has_bias[name] else 0.0)
-        total = total + sq[name][:, None] - 2.0 * dots[name].T + centre_sq[None, :]
+    for path, parts in state.centres.items():
+        centre_sq = 1.0
+        for f in parts:
+            centre_sq = centre_sq * jnp.sum(jnp.square(_flat(f)), axis=1)
+        total = total + sq[path][:, None] - 2.0 * dots[path].T + centre_sq[None, :]
     return jnp.maximum(total, 0.0)
 
 

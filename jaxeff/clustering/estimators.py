@@ -25,7 +25,6 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from jaxeff import gvar
 from jaxeff.clustering.batch_mode import _on_host, clustering_pass, init_clusters
@@ -42,7 +41,7 @@ __all__ = [
     "importance_estimator",
 ]
 
-ExampleLoss = Callable[[nnx.Module, Any], jax.Array]
+ExampleLoss = Callable[[Any, Any], jax.Array]  # loss_fn(params, batch) -> (B,)
 
 
 class GCEstimatorState(NamedTuple):
@@ -67,15 +66,15 @@ def _unwrap(loss_fn: ExampleLoss) -> ExampleLoss:
     """The loss of ``{"batch", "mask"}`` chunks; one object per ``loss_fn``, so the jitted
     pass compiles once."""
 
-    def loss(model, wrapped):
-        return loss_fn(model, wrapped["batch"])
+    def loss(params, wrapped):
+        return loss_fn(params, wrapped["batch"])
 
     return loss
 
 
 def cluster_examples(
-    model: nnx.Module,
     loss_fn: ExampleLoss,
+    params,
     data,
     *,
     num_clusters: int,
@@ -83,22 +82,23 @@ def cluster_examples(
     num_passes: int = 3,
     min_fraction: float = 0.0,
     chunk_size: int = 1024,
-    layers=None,
+    leaves=None,
     state: ClusterState | None = None,
 ) -> tuple[ClusterState, np.ndarray]:
     """Batch-mode clustering of a whole in-memory dataset: ``num_passes`` passes, then the
     assignment of every example under the final centres.
 
     Args:
-      model: the ``nnx.Module`` at the parameters to cluster the gradients of.
-      loss_fn: ``loss_fn(model, batch) -> (B,)`` per-example losses.
+      loss_fn: ``loss_fn(params, batch) -> (B,)`` per-example losses.
+      params: the parameters to cluster the gradients at.
       data: pytree of arrays with the ``N`` examples on the leading axis.
       num_clusters: ``K``.
       key: PRNG key for the seeds (unused with ``state``).
       num_passes: assign/update passes (Lloyd iterations).
       min_fraction: see :func:`jaxeff.clustering.clustering_pass`.
       chunk_size: examples per pass step (the last chunk is padded and masked).
-      layers: the layers to cluster on (``None``: every Dense/Conv layer).
+      leaves: the parameter paths to cluster on (``None``: every leaf that can be, see
+        :func:`jaxeff.clustering.cluster_leaves`).
       state: continue from this clustering (e.g. the previous snapshot) instead of seeding.
 
     Returns:
@@ -114,19 +114,18 @@ def cluster_examples(
         rows = np.asarray(jax.random.permutation(key, size))[: max(chunk, num_clusters)]
         seed_batch = {"batch": jax.tree.map(lambda x: take_rows(x, rows), data)}
         state = init_clusters(
-            model, loss, seed_batch, num_clusters=num_clusters, key=key, layers=layers
+            loss, params, seed_batch, num_clusters=num_clusters, key=key, leaves=leaves
         )
     for _ in range(num_passes):
         state, _ = clustering_pass(
-            model, loss, _chunks(data, chunk), state, min_fraction=min_fraction
+            loss, params, _chunks(data, chunk), state, min_fraction=min_fraction
         )
     # The assignment under the final centres: a pass whose update is discarded.
-    _, assignments = clustering_pass(model, loss, _chunks(data, chunk), state)
+    _, assignments = clustering_pass(loss, params, _chunks(data, chunk), state)
     return state, assignments
 
 
 def gc_estimator(
-    model: nnx.Module,
     loss_fn: ExampleLoss,
     *,
     batch_size: int,
@@ -136,7 +135,7 @@ def gc_estimator(
     allocation: str = "equal",
     replace: bool = True,
     chunk_size: int = 1024,
-    layers=None,
+    leaves=None,
     seed: int = 0,
 ) -> gvar.GradientEstimator:
     r"""The gradient-clustering estimator: stratified draws over gradient clusters.
@@ -153,12 +152,10 @@ def gc_estimator(
     (:func:`jaxeff.clustering.stratified_sample`) and one weighted backward pass.
 
     Args:
-      model: the ``nnx.Module`` (its graph and non-parameter state; ``params`` replace its
-        parameters).
-      loss_fn: ``loss_fn(model, batch) -> (B,)`` per-example losses.
+      loss_fn: ``loss_fn(params, batch) -> (B,)`` per-example losses.
       batch_size: ``b``, draws per estimate.
       num_clusters: ``K``.
-      num_passes, min_fraction, chunk_size, layers: see :func:`cluster_examples`.
+      num_passes, min_fraction, chunk_size, leaves: see :func:`cluster_examples`.
       allocation, replace: see :func:`jaxeff.clustering.stratified_sample`.
       seed: seeds the clustering's initial centres.
 
@@ -167,27 +164,23 @@ def gc_estimator(
 
     Example::
 
-      estimators = {"sgd": gvar.sgd_estimator(params_loss, batch_size=32),
-                    "gc": gc_estimator(model, loss_fn, batch_size=32, num_clusters=8)}
+      estimators = {"sgd": gvar.sgd_estimator(loss_fn, batch_size=32),
+                    "gc": gc_estimator(loss_fn, batch_size=32, num_clusters=8)}
       states = {name: est.init(params, data) for name, est in estimators.items()}
       stats = gvar.measure(estimators, states, params, data, key)
     """
-    graphdef, _, rest = nnx.split(model, nnx.Param, ...)
-
-    def params_loss(params, batch):
-        return loss_fn(nnx.merge(graphdef, params, rest), batch)
 
     def init(params, data):
         clusters, assignments = cluster_examples(
-            nnx.merge(graphdef, params, rest),
             loss_fn,
+            params,
             data,
             num_clusters=num_clusters,
             key=jax.random.key(seed),
             num_passes=num_passes,
             min_fraction=min_fraction,
             chunk_size=chunk_size,
-            layers=layers,
+            leaves=leaves,
         )
         return GCEstimatorState(clusters, jnp.asarray(assignments))
 
@@ -202,11 +195,11 @@ def gc_estimator(
             replace=replace,
         )
 
-    return gvar.sampling_estimator(params_loss, sample_fn, init_fn=init)
+    return gvar.sampling_estimator(loss_fn, sample_fn, init_fn=init)
 
 
 def example_scores(
-    model: nnx.Module, loss_fn: ExampleLoss, data, *, score: str = "grad_norm", chunk_size=1024
+    loss_fn: ExampleLoss, params, data, *, score: str = "grad_norm", chunk_size=1024
 ) -> jax.Array:
     """``(N,)`` per-example scores: gradient norms ``||g_i||`` (fast path) or losses ``ℓ_i``."""
     if score not in ("grad_norm", "loss"):
@@ -214,14 +207,13 @@ def example_scores(
     size = gvar.num_examples(data)
     parts = []
     for part in _chunks(data, min(chunk_size, size)):
-        stats = per_example_stats(model, loss_fn, part["batch"], with_sum_sq=False)
+        stats = per_example_stats(loss_fn, params, part["batch"], with_sum_sq=False)
         values = jnp.sqrt(stats.total_sq_norms) if score == "grad_norm" else stats.losses
         parts.append(_on_host(values)[part["mask"]])  # also when spread over processes
     return jnp.asarray(np.concatenate(parts))
 
 
 def importance_estimator(
-    model: nnx.Module,
     loss_fn: ExampleLoss,
     *,
     batch_size: int,
@@ -244,8 +236,7 @@ def importance_estimator(
     draws ``b`` examples (:func:`jaxeff.clustering.importance_sample`).
 
     Args:
-      model: the ``nnx.Module`` (graph and non-parameter state).
-      loss_fn: ``loss_fn(model, batch) -> (B,)`` per-example losses.
+      loss_fn: ``loss_fn(params, batch) -> (B,)`` per-example losses.
       batch_size: ``b``.
       score: ``"grad_norm"`` or ``"loss"``.
       smoothing: ``λ`` in ``[0, 1]``, mixing in the uniform distribution.
@@ -256,17 +247,12 @@ def importance_estimator(
     """
     if score not in ("grad_norm", "loss"):
         raise ValueError(f"`score` must be 'grad_norm' or 'loss', got {score!r}.")
-    graphdef, _, rest = nnx.split(model, nnx.Param, ...)
-
-    def params_loss(params, batch):
-        return loss_fn(nnx.merge(graphdef, params, rest), batch)
 
     def init(params, data):
-        model_at = nnx.merge(graphdef, params, rest)
-        return example_scores(model_at, loss_fn, data, score=score, chunk_size=chunk_size)
+        return example_scores(loss_fn, params, data, score=score, chunk_size=chunk_size)
 
     def sample_fn(scores, key, size):
         del size
         return importance_sample(key, scores, batch_size=batch_size, smoothing=smoothing)
 
-    return gvar.sampling_estimator(params_loss, sample_fn, init_fn=init)
+    return gvar.sampling_estimator(loss_fn, sample_fn, init_fn=init)

@@ -6,11 +6,11 @@ step computes anyway, with ``directions=state.centres``), and with decay ``β``:
 .. math::
 
    N_k' = \beta N_k + (1-\beta)\, n_k, \qquad
-   v_k' = \frac{\beta N_k v_k + (1-\beta) A_k}{\beta N_k + (1-\beta) n_k}, \qquad
-   u_k' = \frac{\beta N_k u_k + (1-\beta) S_k}{\beta N_k + (1-\beta) n_k},
+   f_{k,j}' = \frac{\beta N_k f_{k,j} + (1-\beta) F_{k,j}}{\beta N_k + (1-\beta) n_k}
 
-the size-weighted blend of the old centre and the batch's members (``n_k``, ``A_k``,
-``S_k`` from :func:`jaxeff.clustering.cluster_sums`; sizes count examples per batch).
+for every factor ``f_{k,j}`` of every centre: the size-weighted blend of the old centre and
+the batch's members (``n_k``, ``F_{k,j}`` from :func:`jaxeff.clustering.cluster_sums`; sizes
+count examples per batch).
 Every ``reinit_every`` updates, clusters below ``min_fraction`` of the total size are
 re-seeded at the farthest member of the batch's highest-distortion cluster
 (:func:`jaxeff.clustering.split_small_clusters`). Faghri, Duvenaud, Fleet, Ba, "A Study of
@@ -71,16 +71,14 @@ def online_update(
     new = (1.0 - decay) * sums.counts
     total = old + new
     positive = total > 0
-    safe = jnp.where(positive, total, 1.0)[:, None]
+    safe = jnp.where(positive, total, 1.0)
 
     def blend(centre, batch_sum):
-        mixed = (old[:, None] * centre + (1.0 - decay) * batch_sum) / safe
-        return jnp.where(positive[:, None], mixed, centre)
+        shape = (-1, *[1] * (centre.ndim - 1))
+        mixed = (old.reshape(shape) * centre + (1.0 - decay) * batch_sum) / safe.reshape(shape)
+        return jnp.where(positive.reshape(shape), mixed, centre)
 
-    centres = {
-        name: (blend(v, sums.input_sums[name]), blend(u, sums.signal_sums[name]))
-        for name, (v, u) in state.centres.items()
-    }
+    centres = jax.tree.map(blend, state.centres, sums.factor_sums)
     count = state.count + 1
     if reinit_every:
         split_centres, split_sizes = split_small_clusters(

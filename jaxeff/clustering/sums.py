@@ -1,19 +1,21 @@
 r"""What a batch tells the clustering: per-cluster counts, factor sums, distortion, outliers.
 
-For the examples ``i`` assigned to cluster ``k`` (``i ∈ k``) and each clustered layer:
+For the examples ``i`` assigned to cluster ``k`` (``i ∈ k``) and each factor ``f_{i,p,j}``
+of each clustered leaf ``p`` (``stats.factors``: ``ā_i`` and ``s_i`` of a matrix leaf, ``g_i``
+of a one-factor leaf):
 
 .. math::
 
-   n_k = |k|, \quad A_k = \sum_{i\in k} \bar a_i, \quad S_k = \sum_{i\in k} s_i, \quad
-   D_k = \sum_{i\in k} d_{ik},
+   n_k = |k|, \quad F_{k,p,j} = \sum_{i\in k} f_{i,p,j}, \quad D_k = \sum_{i\in k} d_{ik},
 
 and the member farthest from its centre, ``argmax_{i∈k} d_{ik}``, with its factors. The
-centre update is the outer product of the cluster's mean input and mean backprop signal,
-``C_k = (A_k/n_k)(S_k/n_k)ᵀ`` (not the mean of the outer products, which would not be rank
-1); its bias part ``S_k/n_k`` is the cluster's exact mean bias gradient. Sums of several
-batches add (:func:`add_sums`), so a pass over the data in batches gives the same centres
-as one batch holding all of it. Every reduction over the batch is a contraction with a
-one-hot matrix, so a batch sharded over devices reduces to the same numbers.
+centre update is the outer product of the factor means, ``C_{k,p} = ⊗_j F_{k,p,j}/n_k``: for a
+matrix leaf the cluster's mean input times its mean backprop signal (not the mean of the
+outer products, which would not be rank 1), for a one-factor leaf the cluster's exact mean
+gradient. Sums of several batches add (:func:`add_sums`), so a pass over the data in
+batches gives the same centres as one batch holding all of it. Every reduction over the
+batch is a contraction with a one-hot matrix, so a batch sharded over devices reduces to
+the same numbers.
 """
 
 from __future__ import annotations
@@ -34,35 +36,29 @@ class ClusterSums(NamedTuple):
 
     Attributes:
       counts: ``(K,)`` ``n_k``.
-      input_sums: ``{layer name: (K, d_in)}`` ``A_k``.
-      signal_sums: ``{layer name: (K, d_out)}`` ``S_k``.
+      factor_sums: ``{path: tuple of (K, *S_j)}``, ``F_{k,p,j}``.
       distortion: ``(K,)`` ``D_k = Σ_{i∈k} d_{ik}``.
       far_distance: ``(K,)`` ``max_{i∈k} d_{ik}``, ``-inf`` for a cluster without members.
-      far_inputs, far_signals: ``{layer name: (K, d)}``, the factors of that member.
+      far_factors: ``{path: tuple of (K, *S_j)}``, the factors of that member.
     """
 
     counts: jax.Array
-    input_sums: dict
-    signal_sums: dict
+    factor_sums: dict
     distortion: jax.Array
     far_distance: jax.Array
-    far_inputs: dict
-    far_signals: dict
+    far_factors: dict
 
 
 def empty_sums(state: ClusterState) -> ClusterSums:
     """Sums over no example, shaped for ``state``'s centres."""
     k = state.sizes.shape[0]
-    zeros = {name: jnp.zeros_like(v) for name, (v, _) in state.centres.items()}
-    zeros_u = {name: jnp.zeros_like(u) for name, (_, u) in state.centres.items()}
+    zeros = jax.tree.map(jnp.zeros_like, state.centres)
     return ClusterSums(
         counts=jnp.zeros((k,), jnp.float32),
-        input_sums=zeros,
-        signal_sums=zeros_u,
+        factor_sums=zeros,
         distortion=jnp.zeros((k,), jnp.float32),
         far_distance=jnp.full((k,), -jnp.inf, jnp.float32),
-        far_inputs=zeros,
-        far_signals=zeros_u,
+        far_factors=zeros,
     )
 
 
@@ -72,8 +68,8 @@ def cluster_sums(
     """The :class:`ClusterSums` of one batch.
 
     Args:
-      state: the clustering (its centres name the layers).
-      stats: :class:`jaxeff.pergrad.PerExampleStats` with factors for those layers.
+      state: the clustering (its centres name the leaves).
+      stats: :class:`jaxeff.pergrad.PerExampleStats` with factors for those leaves.
       assignments: ``(B,)`` cluster of each example.
       dist: ``(B, K)`` distances (:func:`jaxeff.clustering.distances`).
       mask: optional ``(B,)`` bool, false for rows to leave out (padding).
@@ -94,16 +90,14 @@ def cluster_sums(
     far = far.astype(jnp.float32)
 
     def contract(weights, x):  # Σ_i weights[i, k] x[i]: replicated, also on explicit meshes
-        return jnp.einsum("bk,bd->kd", weights, x.astype(jnp.float32), **replicated_like(x))
+        return jnp.einsum("bk,b...->k...", weights, x.astype(jnp.float32), **replicated_like(x))
 
     return ClusterSums(
         counts=jnp.sum(onehot, axis=0),
-        input_sums={name: contract(onehot, a) for name, (a, _) in factors.items()},
-        signal_sums={name: contract(onehot, s) for name, (_, s) in factors.items()},
+        factor_sums={p: tuple(contract(onehot, f) for f in fs) for p, fs in factors.items()},
         distortion=jnp.sum(jnp.where(member, dist, 0.0), axis=0),
         far_distance=far_distance,
-        far_inputs={name: contract(far, a) for name, (a, _) in factors.items()},
-        far_signals={name: contract(far, s) for name, (_, s) in factors.items()},
+        far_factors={p: tuple(contract(far, f) for f in fs) for p, fs in factors.items()},
     )
 
 
@@ -112,16 +106,14 @@ def add_sums(a: ClusterSums, b: ClusterSums) -> ClusterSums:
     take_b = b.far_distance > a.far_distance
 
     def pick(x, y):
-        return jnp.where(take_b[:, None], y, x)
+        return jnp.where(take_b.reshape(-1, *[1] * (x.ndim - 1)), y, x)
 
     return ClusterSums(
         counts=a.counts + b.counts,
-        input_sums=jax.tree.map(jnp.add, a.input_sums, b.input_sums),
-        signal_sums=jax.tree.map(jnp.add, a.signal_sums, b.signal_sums),
+        factor_sums=jax.tree.map(jnp.add, a.factor_sums, b.factor_sums),
         distortion=a.distortion + b.distortion,
         far_distance=jnp.maximum(a.far_distance, b.far_distance),
-        far_inputs=jax.tree.map(pick, a.far_inputs, b.far_inputs),
-        far_signals=jax.tree.map(pick, a.far_signals, b.far_signals),
+        far_factors=jax.tree.map(pick, a.far_factors, b.far_factors),
     )
 
 
@@ -149,11 +141,13 @@ def split_small_clusters(
         centres, sizes, score = carry
         j = jnp.argmax(score)
         do = small[k] & (score[j] > -jnp.inf)
-        new = {}
-        for name, (v, u) in centres.items():
-            v = v.at[k].set(jnp.where(do, sums.far_inputs[name][j], v[k]))
-            u = u.at[k].set(jnp.where(do, sums.far_signals[name][j], u[k]))
-            new[name] = (v, u)
+        new = {
+            path: tuple(
+                f.at[k].set(jnp.where(do, far[j], f[k]))
+                for f, far in zip(parts, sums.far_factors[path], strict=True)
+            )
+            for path, parts in centres.items()
+        }
         half = sizes[j] / 2
         sizes = jnp.where(do, sizes.at[k].set(half).at[j].set(half), sizes)
         score = jnp.where(do, score.at[j].set(-jnp.inf), score)

@@ -19,15 +19,16 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
-from flax import nnx
 
 from jaxeff.clustering.centres import (
     ClusterState,
     _check_num_clusters,
-    cluster_layers,
+    cluster_leaves,
     init_from_stats,
+    zero_directions,
 )
 from jaxeff.clustering.online import check_online_options, online_update
+from jaxeff.pergrad.reference import batch_size_of
 
 __all__ = ["GradientClusteringState", "gradient_clustering"]
 
@@ -49,67 +50,72 @@ class GradientClusteringState(NamedTuple):
 
 
 def gradient_clustering(
-    model: nnx.Module,
+    loss_fn,
+    batch,
     *,
     num_clusters: int,
-    batch_size: int,
     decay: float = 0.9,
     min_fraction: float = 0.0,
     reinit_every: int = 0,
-    layers=None,
+    leaves=None,
     seed: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Clusters the examples of each step by gradient; the updates pass through unchanged.
 
     ``update(updates, state, params=None, *, per_example_stats, **extra_args)``: on the
     first call the ``K`` centres are seeded at ``K`` distinct examples of the batch
-    (``v_k = ā_i``, ``u_k = s_i``); on every later call the batch is assigned by
-    ``argmin_k (N_k + 1)||g_i − C_k||²`` and sizes and centres move by the moving averages
-    of :func:`jaxeff.clustering.online_update`. Jittable; the state is a pytree of arrays
-    that checkpoints with the optimizer state.
+    (:func:`jaxeff.clustering.init_from_stats`); on every later call the batch is assigned
+    by ``argmin_k (N_k + 1)||g_i − C_k||²`` and sizes and centres move by the moving
+    averages of :func:`jaxeff.clustering.online_update`. Jittable; the state is a pytree of
+    arrays that checkpoints with the optimizer state.
 
     Args:
-      model: the ``nnx.Module`` being trained (only its layer shapes are read).
+      loss_fn: ``loss_fn(params, batch) -> (B,)``, the per-example loss the step's
+        statistics are computed for (only traced at ``init``, to find the leaves and their
+        factor shapes).
+      batch: a batch of the step's shape (arrays or ``jax.ShapeDtypeStruct``); its ``B``
+        is the number of examples in each step's statistics.
       num_clusters: ``K``.
-      batch_size: ``B``, the number of examples in each step's statistics.
       decay, min_fraction, reinit_every: see :func:`jaxeff.clustering.online_update`.
-      layers: the ``nnx.Linear``/``nnx.Conv`` layers to cluster on (``None``: all).
+      leaves: the parameter paths to cluster on (``None``: every leaf that can be; see
+        :func:`jaxeff.clustering.cluster_leaves`).
       seed: seeds the choice of the initial centres.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` with state :class:`GradientClusteringState`.
 
-    Example::
+    Example (any framework; here flax linen)::
 
-      gc = gradient_clustering(model, num_clusters=8, batch_size=64)
-      tx = optax.chain(gc, optax.sgd(0.1))
-      opt_state = tx.init(nnx.state(model, nnx.Param))
+      def loss_fn(params, batch):
+          logits = model.apply({"params": params}, batch["x"])
+          return optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"])
+
+      tx = optax.chain(gradient_clustering(loss_fn, batch, num_clusters=8), optax.sgd(0.1))
+      opt_state = tx.init(params)
       loss, grads, stats = pergrad.value_grad_and_stats(
-          model, loss_fn, batch, weights=weights, directions=opt_state[0].clusters.centres)
+          loss_fn, params, batch, weights=weights, directions=opt_state[0].clusters.centres)
       updates, opt_state = tx.update(grads, opt_state, params, per_example_stats=stats)
       sampler.update(opt_state[0].assignments, indices=batch_indices)
     """
     _check_num_clusters(num_clusters)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < num_clusters:
+    if not callable(loss_fn):
+        raise TypeError(f"`loss_fn` must be callable, got {type(loss_fn).__name__}.")
+    batch_size = batch_size_of(batch)
+    if batch_size < num_clusters:
         raise ValueError(
-            f"`batch_size` must be an integer of at least `num_clusters` ({num_clusters}), got "
-            f"{batch_size!r}."
+            f"`batch` must hold at least `num_clusters` ({num_clusters}) examples, got "
+            f"{batch_size}."
         )
-    shapes = cluster_layers(model, layers)
     options = dict(decay=decay, min_fraction=min_fraction, reinit_every=reinit_every)
     check_online_options(**options)
+    batch_shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), x.dtype), batch)
 
     def init_fn(params):
-        del params
-        centres = {
-            name: (
-                jnp.zeros((num_clusters, d_in), jnp.float32),
-                jnp.zeros((num_clusters, d_out), jnp.float32),
-            )
-            for name, (d_in, d_out) in shapes.items()
-        }
+        shapes = cluster_leaves(loss_fn, params, batch_shapes, leaves)
         sizes = jnp.full((num_clusters,), batch_size / num_clusters, jnp.float32)
-        clusters = ClusterState(centres, sizes, jnp.zeros((), jnp.int32))
+        clusters = ClusterState(
+            zero_directions(shapes, num_clusters), sizes, jnp.zeros((), jnp.int32)
+        )
         return GradientClusteringState(
             clusters,
             jnp.full((batch_size,), -1, jnp.int32),
@@ -126,15 +132,15 @@ def gradient_clustering(
         stats = per_example_stats
         if stats.losses.shape != (batch_size,):
             raise ValueError(
-                f"`per_example_stats` must describe batch_size={batch_size} examples, got "
-                f"losses of shape {stats.losses.shape}."
+                f"`per_example_stats` must describe {batch_size} examples (the `batch` "
+                f"gradient_clustering was made with), got losses of shape {stats.losses.shape}."
             )
         key = jax.random.wrap_key_data(state.key)
         seed_key, next_key = jax.random.split(key)
 
         def seed(state):
             clusters = init_from_stats(
-                stats, num_clusters=num_clusters, key=seed_key, layers=list(shapes)
+                stats, num_clusters=num_clusters, key=seed_key, leaves=list(state.clusters.centres)
             )
             clusters = clusters._replace(count=jnp.ones((), jnp.int32))
             return clusters, jnp.full((batch_size,), -1, jnp.int32)

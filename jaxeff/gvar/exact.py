@@ -9,12 +9,13 @@ moment
    \sigma^2_c = M_c - \mu_c^2
 
 give the exact variance ``σ²`` of a single uniformly drawn example's gradient, with no
-per-example gradient formed: :func:`jaxeff.pergrad.per_example_stats` returns
-``Σ_i g_{i,c}²`` (``sum_sq``) from each layer's inputs and backprop signals, at about the
-cost of a backward pass. The mean of ``b`` examples drawn with replacement has variance
-``σ²/b``; drawn without replacement, ``σ²/b · (N - b)/(N - 1)``. :func:`exact_variance`
-turns these into the statistics that :func:`jaxeff.gvar.measure_variance` estimates from
-draws (their limit for many draws around the exact mean).
+per-example gradient formed where the loss allows: :func:`jaxeff.pergrad.value_grad_and_stats`
+returns ``Σ_i g_i`` and ``Σ_i g_{i,c}²`` (``sum_sq``) of any ``loss_fn(params, batch)`` from
+each parameter use's inputs and backprop signals, in one pass. The mean of ``b`` examples
+drawn with replacement has variance ``σ²/b``; drawn without replacement,
+``σ²/b · (N - b)/(N - 1)``. :func:`exact_variance` turns these into the statistics that
+:func:`jaxeff.gvar.measure_variance` estimates from draws (their limit for many draws
+around the exact mean).
 """
 
 from __future__ import annotations
@@ -26,11 +27,10 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from jaxeff.gvar.estimators import num_examples
 from jaxeff.gvar.measure import VarianceStats
-from jaxeff.pergrad import per_example_stats
+from jaxeff.pergrad import value_grad_and_stats
 
 __all__ = ["GradientMoments", "exact_variance", "gradient_moments"]
 
@@ -39,7 +39,7 @@ class GradientMoments(NamedTuple):
     """Per-coordinate moments of the per-example gradients over a whole dataset (float64).
 
     Attributes:
-      mean: ``μ = (1/N) Σ_i g_i``, shaped like the model's parameters (``nnx.State``).
+      mean: ``μ = (1/N) Σ_i g_i``, shaped like the parameters.
       second_moment: ``M = (1/N) Σ_i g_i²``, same structure.
       num_examples: ``N``.
       mean_loss: ``(1/N) Σ_i ℓ_i``.
@@ -51,32 +51,23 @@ class GradientMoments(NamedTuple):
     mean_loss: float
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "loss_fn"))
-def _sum_of_gradients(params, rest, batch, *, graphdef, loss_fn):
-    def total(params):
-        return jnp.sum(loss_fn(nnx.merge(graphdef, params, rest), batch))
-
-    return jax.grad(total)(params)
-
-
 def gradient_moments(
-    model: nnx.Module,
-    loss_fn: Callable[[nnx.Module, Any], jax.Array],
+    loss_fn: Callable[[Any, Any], jax.Array],
+    params,
     data,
     *,
     chunk_size: int | None = None,
 ) -> GradientMoments:
     r"""Mean and second moment of the per-example gradients over all of ``data``.
 
-    Per chunk, :func:`jaxeff.pergrad.per_example_stats` gives ``Σ_i g_i²`` per coordinate
-    (its fast path for ``nnx.Linear``/``nnx.Conv``; ``vmap`` for other parameters) and one
-    backward pass of ``Σ_i ℓ_i`` gives ``Σ_i g_i``; the sums are accumulated in float64 on
-    the host.
+    Per chunk, one pass of :func:`jaxeff.pergrad.value_grad_and_stats` with unit weights
+    gives ``Σ_i g_i`` and ``Σ_i g_i²`` per coordinate (exact rules where the loss allows,
+    ``vmap`` for any other leaf); the sums are accumulated in float64 on the host.
 
     Args:
-      model: an nnx model (in eval mode if it has batch norm).
-      loss_fn: ``loss_fn(model, batch) -> (b,)`` per-example losses (the form
-        :func:`jaxeff.pergrad.per_example_stats` takes).
+      loss_fn: ``loss_fn(params, batch) -> (b,)`` per-example losses (a model with batch
+        norm in eval mode).
+      params: the parameter pytree.
       data: arrays with ``N`` examples along the leading axis.
       chunk_size: examples per pass (``None``: all at once). A last, smaller chunk
         compiles once more.
@@ -86,25 +77,24 @@ def gradient_moments(
 
     Example::
 
-      moments = gradient_moments(model, per_example_loss, data, chunk_size=1024)
+      moments = gradient_moments(loss_fn, params, data, chunk_size=1024)
       exact_variance(moments, batch_size=128).variance   # SGD-128's exact variance
     """
-    if not isinstance(model, nnx.Module):
-        raise TypeError(f"`model` must be an nnx.Module, got {type(model).__name__}.")
+    if not callable(loss_fn):
+        raise TypeError(f"`loss_fn` must be callable, got {type(loss_fn).__name__}.")
     size = num_examples(data)
     if chunk_size is not None and (
         isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
     ):
         raise ValueError(f"`chunk_size` must be a positive integer or None, got {chunk_size!r}.")
     chunk = size if chunk_size is None else min(chunk_size, size)
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     to64 = functools.partial(jax.tree.map, lambda x: np.asarray(x, np.float64))
     sum_grad = sum_sq = None
     loss_total = 0.0
     for start in range(0, size, chunk):
         batch = jax.tree.map(lambda x, s=start: x[s : s + chunk], data)
-        stats = per_example_stats(model, loss_fn, batch)
-        grads = _sum_of_gradients(params, rest, batch, graphdef=graphdef, loss_fn=loss_fn)
+        ones = jnp.ones((num_examples(batch),), jnp.float32)
+        _, grads, stats = value_grad_and_stats(loss_fn, params, batch, weights=ones)
         grads, squares = to64(grads), to64(stats.sum_sq)
         if sum_grad is None:
             sum_grad, sum_sq = grads, squares

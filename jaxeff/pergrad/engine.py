@@ -53,6 +53,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax.core import FrozenDict
+from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxeff.pergrad import forms as _forms
 from jaxeff.pergrad import tracing
@@ -64,6 +65,7 @@ __all__ = [
     "FAST",
     "VMAP",
     "PerExampleStats",
+    "check_directions",
     "direction_shapes",
     "param_paths",
     "per_example_stats",
@@ -89,6 +91,15 @@ class PerExampleStats:
       dots: ``(K, B)``, ``Σ_p <g_{i,p}, D_{k,p}>`` over the leaves named in
         ``directions``; ``None`` without directions.
       leaf_dots: ``{path: (K, B)}``, the same per leaf; ``None`` without directions.
+      factors: per-example factors of the leaves named in ``directions``, in the
+        directions' split: ``{path: (g,)}`` for a leaf given one factor (``g`` its
+        ``(B, *shape)`` per-example gradients, formed), and ``{path: (ā, s)}`` for a leaf
+        given two whose per-example gradient is one sum of outer products
+        ``Σ_t a_{i,t} δ_{i,t}^T`` in that split: ``ā_i = (1/T) Σ_t a_{i,t}`` of shape
+        ``(B, *S_1)`` and ``s_i = Σ_t δ_{i,t}`` of shape ``(B, *S_2)``.
+        ``ā_i s_i^T`` is the rank-1 matrix gradient clustering (:mod:`jaxeff.clustering`)
+        averages into its centres (exactly ``g_{i,p}`` for a Dense layer on ``(B, d)``
+        inputs). A leaf with neither is absent. ``None`` without directions.
       paths: ``{path: "fast" | "vmap"}`` for every leaf (static).
       reasons: ``{path: str}``: the rule each leaf took, or why it took the vmap path
         (static).
@@ -100,6 +111,7 @@ class PerExampleStats:
     sum_sq: Any
     dots: jax.Array | None
     leaf_dots: dict | None
+    factors: dict | None
     paths: FrozenDict = flax.struct.field(pytree_node=False)
     reasons: FrozenDict = flax.struct.field(pytree_node=False)
 
@@ -176,6 +188,22 @@ def _dense_direction(factors):
     return out
 
 
+def check_directions(params, directions) -> dict:
+    """``directions`` checked against ``params``' leaves: ``{path: tuple of factors}``.
+
+    Args:
+      params: the parameter pytree the directions are for.
+      directions: ``{path: factors}`` as :func:`per_example_stats` takes them, or ``None``.
+
+    Raises:
+      TypeError, ValueError: naming ``directions`` and the path, for a path that is not a
+        leaf of ``params``, factors that do not split its shape, or differing ``K``.
+    """
+    paths = param_paths(params)
+    shapes = [tuple(jnp.shape(x)) for x in jax.tree_util.tree_leaves(params)]
+    return {paths[k]: f for k, f in _check_directions(directions, paths, shapes).items()}
+
+
 # -- per-leaf statistics ------------------------------------------------------------------
 
 
@@ -242,6 +270,38 @@ def _factored(group, factors):
     return v.reshape(v.shape[0], r), u.reshape(u.shape[0], c)
 
 
+def _per_example(leaf_forms, shape, dtype):
+    """``(B, *shape)``: the per-example gradients of one leaf, formed."""
+    outers = [f for f in leaf_forms if isinstance(f, _forms.Outer)]
+    groups, _ = _groups(outers)
+    grads = sum(f.grads.astype(dtype) for f in leaf_forms if isinstance(f, _forms.Dense))
+    grads = grads + sum(_materialise(g, shape, dtype) for g in groups)
+    return grads + sum(
+        jnp.einsum("bm,m...->b...", b.coeffs.astype(dtype), b.basis.astype(dtype))
+        for b in leaf_forms
+        if isinstance(b, _forms.Basis)
+    )
+
+
+def _leaf_factors(leaf_forms, factors, shape):
+    """The leaf's per-example factors in the directions' split: ``(g (B, *shape),)`` for
+    one factor; ``(ā (B, *S_1), s (B, *S_2))`` for two when the leaf is one outer group in
+    that split; otherwise ``None``."""
+    f32 = jnp.float32
+    if factors is None or not leaf_forms or len(factors) > 2:
+        return None
+    if len(factors) == 1:
+        return (_per_example(leaf_forms, shape, f32),)
+    if not all(isinstance(f, _forms.Outer) for f in leaf_forms):
+        return None
+    groups, _ = _groups(leaf_forms)
+    if len(groups) != 1 or _factored(groups[0], factors) is None:
+        return None
+    (g,) = groups
+    a, s = jnp.mean(g.a.astype(f32), axis=1), jnp.sum(g.delta.astype(f32), axis=1)
+    return tuple(x.reshape(x.shape[0], *f.shape[1:]) for x, f in zip((a, s), factors, strict=True))
+
+
 def _leaf_stats(leaf_forms, shape, factors, with_sum_sq, weights, dtype):
     """``(norms (B,), sum_sq, dots (K, B) or None, weighted grad or None)`` for one leaf."""
     outers = [f for f in leaf_forms if isinstance(f, _forms.Outer)]
@@ -251,11 +311,7 @@ def _leaf_stats(leaf_forms, shape, factors, with_sum_sq, weights, dtype):
     f32 = jnp.float32
     dense_dir = None if factors is None else _dense_direction(factors).astype(f32)
     if denses or not disjoint:  # form g_i
-        grads = sum(d.grads.astype(f32) for d in denses)
-        grads = grads + sum(_materialise(g, shape, f32) for g in groups)
-        grads = grads + sum(
-            jnp.einsum("bm,m...->b...", b.coeffs.astype(f32), b.basis.astype(f32)) for b in bases
-        )
+        grads = _per_example(leaf_forms, shape, f32)
         axes = tuple(range(1, grads.ndim))
         norms = jnp.sum(grads * grads, axis=axes)
         sum_sq = sum_over_examples(grads * grads) if with_sum_sq else None
@@ -335,9 +391,26 @@ def _describe(leaf_forms) -> str:
     return "fast: " + ", ".join(names) if names else "fast: unused by the loss"
 
 
-def _one_pass(
+def _zeros(aval, steps):
+    """Zeros for ``aval`` with the scan ``steps`` in front, sharded like ``aval`` on a mesh
+    with explicit axes (where ops between differently sharded arrays are type errors)."""
+    shape = (*steps, *aval.shape)
+    sharding = getattr(aval, "sharding", None)
+    mesh = getattr(sharding, "mesh", None)
+    if mesh is not None and mesh.axis_names and mesh.are_all_axes_explicit:
+        spec = PartitionSpec(*([None] * len(steps)), *sharding.spec)
+        return jnp.zeros(shape, aval.dtype, out_sharding=NamedSharding(mesh, spec))
+    return jnp.zeros(shape, aval.dtype)
+
+
+def one_pass(
     loss_fn, has_aux, with_sum_sq, chunk_size, vmap_leaves, params, batch, weights, directions
 ):
+    """The traceable core: ``(stats, aux, weighted grads or None)``; not jitted.
+
+    ``weights`` is ``(B,)`` or ``None`` (no gradient); ``directions`` as
+    :func:`per_example_stats`; ``vmap_leaves`` a tuple of leaf indices.
+    """
     leaves, treedef = jax.tree_util.tree_flatten(params)
     paths = param_paths(params)
     shapes = [tuple(jnp.shape(x)) for x in leaves]
@@ -390,10 +463,7 @@ def _one_pass(
     if tr is not None:
         uses = [u for u in tr.uses if not (u.leaves & set(reasons))]
         tr.uses = uses
-        eps = {
-            u.key: jnp.zeros((*u.steps, *u.eqn.outvars[0].aval.shape), u.eqn.outvars[0].aval.dtype)
-            for u in uses
-        }
+        eps = {u.key: _zeros(u.eqn.outvars[0].aval, u.steps) for u in uses}
 
         def perturbed(eps):
             outs, records = tracing.run(tr, args, eps)
@@ -441,7 +511,7 @@ def _one_pass(
     w = None if weights is None else weights.astype(jnp.float32)
     if padded and w is not None:
         w = jnp.concatenate([w, jnp.zeros_like(w)])
-    norms, sums, dots, grads = [], [], {}, []
+    norms, sums, dots, grads, leaf_factors = [], [], {}, [], {}
     for k, x in enumerate(leaves):
         if leaf_forms[k]:
             n, s, d, g = _leaf_stats(
@@ -456,6 +526,9 @@ def _one_pass(
                 else jnp.zeros((factors[k][0].shape[0], run_size), jnp.float32)
             )
             g = None if w is None else jnp.zeros(shapes[k], jnp.float32)
+        found = _leaf_factors(leaf_forms[k], factors.get(k), shapes[k])
+        if found is not None:
+            leaf_factors[paths[k]] = found
         norms.append(n)
         sums.append(s)
         grads.append(None if g is None else g.astype(x.dtype))
@@ -465,6 +538,7 @@ def _one_pass(
         losses = losses[:1]
         norms = [n[:1] for n in norms]
         dots = {p: d[:, :1] for p, d in dots.items()}
+        leaf_factors = {p: tuple(x[:1] for x in f) for p, f in leaf_factors.items()}
         if has_aux and tr is not None:
             aux = loss_fn(params, batch)[1]
     unflat = functools.partial(jax.tree_util.tree_unflatten, treedef)
@@ -475,6 +549,7 @@ def _one_pass(
         sum_sq=unflat(sums) if with_sum_sq else None,
         dots=sum(dots.values()) if dots else None,
         leaf_dots=dots or None,
+        factors=leaf_factors if factors else None,
         paths=FrozenDict({paths[k]: (VMAP if k in reasons else FAST) for k in range(len(leaves))}),
         reasons=FrozenDict(
             {paths[k]: reasons.get(k) or _describe(leaf_forms[k]) for k in range(len(leaves))}
@@ -488,16 +563,34 @@ _STATIC = ("loss_fn", "has_aux", "with_sum_sq", "chunk_size", "vmap_leaves")
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def _stats_jit(params, batch, directions, **static):
-    return _one_pass(params=params, batch=batch, weights=None, directions=directions, **static)[0]
+    return one_pass(params=params, batch=batch, weights=None, directions=directions, **static)[0]
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def _value_grad_jit(params, batch, weights, directions, **static):
-    stats, aux, grads = _one_pass(
+    stats, aux, grads = one_pass(
         params=params, batch=batch, weights=weights, directions=directions, **static
     )
     loss = jnp.sum(weights.astype(stats.losses.dtype) * stats.losses)
     return loss, aux, grads, stats
+
+
+def _check_params(params) -> None:
+    leaves = jax.tree_util.tree_leaves(params)
+    if not leaves:
+        raise ValueError("`params` has no array leaves.")
+    for x in leaves:
+        if not (hasattr(x, "shape") and hasattr(x, "dtype")):
+            raise TypeError(
+                f"`params` leaves must be arrays, got {type(x).__name__}; the arguments are "
+                "(loss_fn, params, batch) with loss_fn(params, batch) -> (B,) (an nnx model "
+                "goes through nnx.split or jaxeff.pergrad.stats)."
+            )
+        if not jnp.issubdtype(jnp.result_type(x), jnp.inexact):
+            raise ValueError(
+                f"`params` leaves must be floating point, got {jnp.result_type(x)}; "
+                "hold integer state outside the differentiated pytree."
+            )
 
 
 def _check_args(loss_fn, params, batch, with_sum_sq, chunk_size, vmap_leaves):
@@ -506,15 +599,7 @@ def _check_args(loss_fn, params, batch, with_sum_sq, chunk_size, vmap_leaves):
     if not isinstance(with_sum_sq, bool):
         raise TypeError(f"`with_sum_sq` must be a bool, got {with_sum_sq!r}.")
     check_chunk_size(chunk_size)
-    leaves = jax.tree_util.tree_leaves(params)
-    if not leaves:
-        raise ValueError("`params` has no array leaves.")
-    for x in leaves:
-        if not jnp.issubdtype(jnp.result_type(x), jnp.inexact):
-            raise ValueError(
-                f"`params` leaves must be floating point, got {jnp.result_type(x)}; "
-                "hold integer state outside the differentiated pytree."
-            )
+    _check_params(params)
     paths = param_paths(params)
     unknown = sorted(set(vmap_leaves) - set(paths))
     if unknown:
@@ -522,7 +607,7 @@ def _check_args(loss_fn, params, batch, with_sum_sq, chunk_size, vmap_leaves):
     return batch_size_of(batch), tuple(sorted(paths.index(p) for p in vmap_leaves))
 
 
-def _check_weights(weights, size):
+def check_weights(weights, size):
     if weights is None:
         return jnp.full((size,), 1.0 / size, jnp.float32)
     if jnp.shape(weights) != (size,):
@@ -640,7 +725,7 @@ def value_grad_and_stats(
     size, slow = _check_args(loss_fn, params, batch, with_sum_sq, chunk_size, tuple(vmap_leaves))
     if not isinstance(has_aux, bool):
         raise TypeError(f"`has_aux` must be a bool, got {has_aux!r}.")
-    weights = _check_weights(weights, size)
+    weights = check_weights(weights, size)
     loss, aux, grads, stats = _value_grad_jit(
         params,
         batch,
@@ -663,6 +748,9 @@ def direction_shapes(loss_fn: Callable, params, batch) -> dict[str, tuple]:
     ``(contracting, free)`` split; otherwise ``(shape[:-1], shape[-1:])`` for ``ndim ≥ 2``
     and ``(shape,)`` below. Traces ``loss_fn`` abstractly; nothing is computed.
     """
+    if not callable(loss_fn):
+        raise TypeError(f"`loss_fn` must be callable, got {type(loss_fn).__name__}.")
+    _check_params(params)
     leaves = jax.tree_util.tree_leaves(params)
     paths = param_paths(params)
     shapes = [tuple(jnp.shape(x)) for x in leaves]
@@ -694,7 +782,7 @@ def direction_shapes(loss_fn: Callable, params, batch) -> dict[str, tuple]:
                 found[leaf] = split
         return 0
 
-    if batch_size_of(batch) == 1:  # see _one_pass
+    if batch_size_of(batch) == 1:  # see one_pass
         batch = jax.tree.map(lambda x: jnp.concatenate([x, x]), batch)
     jax.eval_shape(probe, params, batch)
     out = {}

@@ -34,6 +34,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec
 
 from jaxeff.pergrad.rules import conv_patches
 from jaxeff.pergrad.tracing import Use, bind, index_map
@@ -174,10 +175,19 @@ def _outer_gather(use: Use, operands, delta, leaf_shapes):
     return Outer(leaf, a, d, index.reshape(vocab, c))
 
 
+def _unsharded(eqn):
+    """``eqn`` without output shardings: one example's slice is not split over devices."""
+    params = dict(eqn.params)
+    keys = [k for k in ("out_sharding", "sharding") if params.get(k) is not None]
+    for k in keys:
+        params[k] = None
+    return eqn.replace(params=params) if keys else eqn
+
+
 def _one_example(use: Use):
     """Applies the use's equation to one example's operands (size-1 example axis), or
     ``None`` when its parameters name the batch size in a way not handled here."""
-    eqn = use.eqn
+    eqn = _unsharded(use.eqn)
     if use.same_params:
         return lambda args: bind(eqn, args)[0]
     if eqn.primitive.name == "broadcast_in_dim":  # a parameter broadcast to the batch
@@ -228,6 +238,39 @@ def _outer_conv(use: Use, operands, delta, leaf_shapes):
     return Outer(leaf, a, d, index)
 
 
+def _broadcast_grads(use: Use, params, operands, delta):
+    """``add``/``sub``/``mul`` by a parameter broadcast over size-1 axes (biases, norm
+    scales): the per-example gradient is a sum of ``δ`` (or ``δ·x``) over the broadcast
+    axes, with no per-example re-run. ``None`` for other equations."""
+    eqn = use.eqn
+    name = eqn.primitive.name
+    if name not in ("add", "sub", "mul") or len(use.nodes) != 1 or len(eqn.invars) != 2:
+        return None
+    ((side, _),) = use.nodes.items()
+    (p,) = params
+    out_shape = tuple(eqn.outvars[0].aval.shape)
+    if p.ndim not in (0, len(out_shape)):
+        return None
+    steps = len(use.steps)
+    g = delta
+    if name == "sub" and side == 1:
+        g = -g
+    elif name == "mul":
+        (x,) = operands
+        g = g * x
+    e = use.out_axis
+    if p.ndim == 0:
+        axes = [k for k in range(g.ndim) if k != steps + e]
+        return {side: jnp.sum(g, axis=tuple(axes))}
+    axes = [k for k in range(steps)] + [
+        steps + d for d in range(p.ndim) if d != e and p.shape[d] == 1 and out_shape[d] != 1
+    ]
+    g = jnp.sum(g, axis=tuple(axes))  # (*p.shape with B at e), steps gone
+    kept = [d for d in range(p.ndim) if d == e or not (p.shape[d] == 1 and out_shape[d] != 1)]
+    g = g.reshape([g.shape[kept.index(d)] if d in kept else 1 for d in range(p.ndim)])
+    return {side: jnp.expand_dims(jnp.moveaxis(g, e, 0), e + 1).reshape(g.shape[e], *p.shape)}
+
+
 def _local_grads(use: Use, apply, params, operands, delta):
     """``∂_p y(p, x_i)^T δ_i`` for every example (and scan step, summed), for each P operand.
 
@@ -258,8 +301,20 @@ def _local_grads(use: Use, apply, params, operands, delta):
     for _ in range(steps):  # scan steps: map, then sum
         inner = per_example
         per_example = _summed_over_steps(inner, axes)
-    grads = per_example(operands, delta)
+    grads = _auto_axes(per_example, delta, steps + use.out_axis)(operands, delta)
     return dict(zip(positions, grads, strict=True))
+
+
+def _auto_axes(fn, delta, axis: int):
+    """``fn`` run with the compiler choosing shardings when ``delta``'s example axis is
+    split over explicit mesh axes (``vmap`` of some equations, a grouped convolution
+    among them, cannot be typed there); its results keep the example axis
+    split the same way. ``fn`` itself elsewhere."""
+    sharding = jax.typeof(delta).sharding
+    if not (sharding.mesh.axis_names and sharding.mesh.are_all_axes_explicit):
+        return fn
+    spec = sharding.spec[axis] if axis < len(sharding.spec) else None
+    return jax.sharding.auto_axes(fn, out_sharding=PartitionSpec(spec))
 
 
 def _summed_over_steps(fn, axes):
@@ -300,7 +355,9 @@ def contributions(use: Use, params, record, delta, leaf_values, leaf_shapes):
         return None, f"`{name}` at {use.where} has a shape that depends on the batch size"
     ordered = sorted(use.nodes)
     p_values = [params[k] for k in ordered]
-    grads = _local_grads(use, apply, p_values, record, delta)
+    grads = _broadcast_grads(use, p_values, record, delta)
+    if grads is None:
+        grads = _local_grads(use, apply, p_values, record, delta)
     forms = []
     for k in ordered:
         node, g = use.nodes[k], grads[k]

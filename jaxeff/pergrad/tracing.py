@@ -65,7 +65,8 @@ _ELEMENTWISE = frozenset(
     floor imag integer_pow is_finite igamma igammac lgamma log log1p logistic max min mul ne
     eq ge gt le lt neg nextafter not or pow real reduce_precision rem round rsqrt select_n
     sign sin sinh sqrt square stop_gradient sub tan tanh xor population_count shift_left
-    shift_right_logical shift_right_arithmetic optimization_barrier""".split()
+    shift_right_logical shift_right_arithmetic optimization_barrier bitcast_convert_type
+    threefry2x32 random_wrap random_unwrap random_bits random_fold_in""".split()
 )
 _REDUCTIONS = frozenset(
     "reduce_sum reduce_max reduce_min reduce_prod reduce_and reduce_or reduce_xor "
@@ -669,13 +670,14 @@ def trace(fn, num_params: int, args) -> Trace:
         message says how); the caller then falls back to ``vmap``.
     """
     grown = [
-        jax.ShapeDtypeStruct((x.shape[0] + 1, *x.shape[1:]), x.dtype)
+        jax.ShapeDtypeStruct(
+            (x.shape[0] + 1, *x.shape[1:]), x.dtype, weak_type=getattr(x, "weak_type", False)
+        )
         if k >= num_params
-        else jax.ShapeDtypeStruct(x.shape, x.dtype)
+        else x
         for k, x in enumerate(args)
     ]
-    plain = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in args]
-    closed0 = jax.make_jaxpr(fn)(*plain)
+    closed0 = jax.make_jaxpr(fn)(*args)  # with the arguments' shardings
     closed1 = jax.make_jaxpr(fn)(*grown)
     reader = _Reader(num_params)
     infos = [

@@ -23,7 +23,8 @@ import optax
 from flax import nnx
 from jax.sharding import AxisType
 
-from jaxeff.pergrad import check_directions, value_grad_and_stats
+from jaxeff.pergrad import check_directions
+from jaxeff.pergrad.stats import value_grad_and_stats
 
 __all__ = [
     "RESERVED_METRICS",
@@ -246,7 +247,7 @@ def make_train_step(
     :func:`jaxeff.pergrad.value_grad_and_stats`: the one forward/backward pass that gives
     :math:`g = \sum_i w_i g_i` also gives per-example gradient statistics (squared norms
     :math:`\|g_i\|^2`, per-coordinate sums of squares :math:`\sum_i g_i^2`, and inner
-    products :math:`\langle g_i, C_k\rangle` with rank-1 directions), at about the cost of
+    products :math:`\langle g_i, C_k\rangle` with factored directions), at about the cost of
     the plain step plus the statistics. ``loss_fn`` must then return ``(B,)`` per-example
     losses. The statistics, a :class:`jaxeff.pergrad.PerExampleStats`, reach an
     ``ExtraArgs`` ``tx`` as the extra argument ``per_example_stats`` (so a transform can
@@ -281,11 +282,11 @@ def make_train_step(
       per_example_stats: compute the gradient and per-example statistics in one pass (see
         above). Every batch entry then needs the leading example axis, and BatchNorm in
         training mode is refused (it couples the examples).
-      directions_fn: with ``per_example_stats``, ``directions_fn(state) -> {layer path:
-        (v, u)}``, the rank-1 directions of :func:`jaxeff.pergrad.per_example_stats`
-        (``v`` of shape ``(K, d_in)``, ``u`` of shape ``(K, d_out)``, see
-        :func:`jaxeff.pergrad.direction_shapes`), evaluated on the state before the update.
-        ``None``: no inner products.
+      directions_fn: with ``per_example_stats``, ``directions_fn(state) -> {parameter
+        path: factors}``, the directions of :func:`jaxeff.pergrad.per_example_stats`
+        (paths such as ``"layers/0/kernel"``; :func:`jaxeff.pergrad.direction_shapes`
+        gives the factor shapes), evaluated on the state before the update. ``None``: no
+        inner products.
       with_sum_sq: with ``per_example_stats``, whether to compute the per-coordinate sums
         of squares.
       chunk_size: with ``per_example_stats``, examples per chunk for parameters without a
@@ -312,7 +313,7 @@ def make_train_step(
       state, metrics = train_step(state, batch, {"weight": 1.0})
       check_finite(metrics, step=0)
 
-      # Per-example losses, statistics from the same pass, directions {layer: (v, u)}
+      # Per-example losses, statistics from the same pass, directions {path: factors}
       # kept in the state of tx's first transform (e.g. gradient-cluster centres).
       def per_example_loss_fn(model, batch, hparams):
         return jnp.mean((model(batch["x"]) - batch["y"]) ** 2, axis=-1), {}
@@ -366,7 +367,7 @@ def make_train_step(
         if directions_fn is not None:
             directions = directions_fn(state)
             try:
-                directions = check_directions(model, directions)
+                directions = check_directions(state.params, directions)
             except (TypeError, ValueError) as err:
                 raise type(err)(
                     f"`directions_fn(state)` returned unusable directions: {err}"
