@@ -40,6 +40,7 @@ import jax.numpy as jnp
 
 from jaxeff._sharding import gather_explicit
 from jaxeff.pergrad import direction_shapes, param_paths, per_example_stats
+from jaxeff.pergrad.chunks import replicated_like
 
 __all__ = [
     "AssignmentCounts",
@@ -167,18 +168,28 @@ def _flat(x):
     return x.reshape(x.shape[0], -1)
 
 
+def _rows(x, onehot):
+    """``onehot @ x`` over the example axis: rows of ``x`` picked by a contraction, so a
+    batch sharded over devices stays sharded (a reduction of the picked rows, not a gather
+    of the whole array); at full precision, so the rows come out exact on any backend."""
+    highest = jax.lax.Precision.HIGHEST
+    axes = ([onehot.ndim - 1], [0])
+    return jnp.tensordot(onehot, x, axes=axes, precision=highest, **replicated_like(x))
+
+
 def _seed_distances(factors, row):
     """``(B,)`` ``||g̃_i − g̃_row||²`` between the factored gradients (``ā_i ⊗ s_i`` for a
-    matrix leaf, ``g_i`` for a one-factor leaf), summed over leaves."""
+    matrix leaf, ``g_i`` for a one-factor leaf), summed over leaves; ``row`` is one-hot."""
     total = 0.0
     for parts in factors.values():
         dots = sq = 1.0
         for f in parts:
             f = _flat(f)
-            dots = dots * (f @ f[row])
+            picked = _rows(f, row)
+            dots = dots * (f @ picked)
             sq = sq * jnp.sum(f * f, axis=1)
-        total = total + sq + sq[row] - 2.0 * dots
-    return jnp.maximum(total, 0.0)
+        total = total + sq + jnp.dot(row, sq) - 2.0 * dots
+    return gather_explicit(jnp.maximum(total, 0.0))
 
 
 def init_from_stats(stats, *, num_clusters: int, key: jax.Array, leaves) -> ClusterState:
@@ -207,7 +218,7 @@ def init_from_stats(stats, *, num_clusters: int, key: jax.Array, leaves) -> Clus
     """
     _check_num_clusters(num_clusters)
     factors = {
-        path: tuple(gather_explicit(x.astype(jnp.float32)) for x in parts)
+        path: tuple(x.astype(jnp.float32) for x in parts)
         for path, parts in _factors(stats, list(leaves)).items()
     }
     batch = stats.losses.shape[0]
@@ -230,16 +241,16 @@ def init_from_stats(stats, *, num_clusters: int, key: jax.Array, leaves) -> Clus
         weight = jnp.where(jnp.sum(weight) > 0, weight, jnp.where(taken, 0.0, 1.0))
         rows = jax.random.categorical(keys[k], jnp.log(weight), shape=(trials,))
         # Greedy: of the candidates, the one that lowers Σ_i min_k d(i, k) the most.
-        closer = jax.vmap(lambda row: jnp.minimum(nearest, _seed_distances(factors, row)))(rows)
+        onehot = jax.nn.one_hot(rows, batch, dtype=jnp.float32)
+        closer = jax.vmap(lambda row: jnp.minimum(nearest, _seed_distances(factors, row)))(onehot)
         best = jnp.argmin(jnp.sum(closer, axis=1))
         row = rows[best]
         return chosen.at[k].set(row), taken.at[row].set(True), closer[best]
 
-    nearest = _seed_distances(factors, first)
+    nearest = _seed_distances(factors, jax.nn.one_hot(first, batch, dtype=jnp.float32))
     chosen, _, _ = jax.lax.fori_loop(1, num_clusters, pick, (chosen, taken, nearest))
-    centres = {
-        path: tuple(jnp.take(f, chosen, axis=0) for f in parts) for path, parts in factors.items()
-    }
+    picks = jax.nn.one_hot(chosen, batch, dtype=jnp.float32)
+    centres = {path: tuple(_rows(f, picks) for f in parts) for path, parts in factors.items()}
     sizes = jnp.full((num_clusters,), batch / num_clusters, jnp.float32)
     return ClusterState(centres, sizes, jnp.zeros((), jnp.int32))
 
