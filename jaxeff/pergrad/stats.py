@@ -98,10 +98,8 @@ def _stats_only(params, rest, batch, directions, **static):
 
 
 def _value_grad_and_stats(params, rest, batch, weights, directions, **static):
-    size = batch_size_of(batch)
-    w = jnp.full((size,), 1.0 / size, jnp.float32) if weights is None else weights
-    stats, aux, new_rest, grads = _one_pass(params, rest, batch, w, directions, **static)
-    loss = jnp.sum(w.astype(stats.losses.dtype) * stats.losses)
+    stats, aux, new_rest, grads = _one_pass(params, rest, batch, weights, directions, **static)
+    loss = jnp.sum(weights.astype(stats.losses.dtype) * stats.losses)
     return loss, aux, new_rest, grads, stats
 
 
@@ -132,12 +130,6 @@ def _check_common(model, loss_fn, batch, with_sum_sq, chunk_size) -> int:
         raise TypeError(f"`with_sum_sq` must be a bool, got {with_sum_sq!r}.")
     check_chunk_size(chunk_size)
     return batch_size_of(batch)
-
-
-def _check_weights(weights, batch_size: int):
-    """``weights`` as an array of shape ``(B,)``, floating point and, when concrete, finite;
-    ``None`` stays ``None``."""
-    return None if weights is None else engine.check_weights(weights, batch_size)
 
 
 def per_example_stats(
@@ -298,7 +290,7 @@ def value_grad_and_stats(
     size = _check_common(model, loss_fn, batch, with_sum_sq, chunk_size)
     if not isinstance(has_aux, bool):
         raise TypeError(f"`has_aux` must be a bool, got {has_aux!r}.")
-    weights = _check_weights(weights, size)
+    weights = engine.check_weights(weights, size)  # None: 1/B each
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     loss, aux, new_rest, grads, stats = _call_jitted(
         _value_grad_and_stats_jit,
