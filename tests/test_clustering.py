@@ -445,11 +445,18 @@ def test_optax_transform_seeds_then_updates_online_and_passes_updates_through():
         updates, opt_state = tx.update(grads, opt_state, params, per_example_stats=stats)
         return grads, updates, opt_state, stats
 
-    grads, updates, opt_state, _ = step(params, opt_state, data)
+    grads, updates, opt_state, stats = step(params, opt_state, data)
     jax.tree.map(lambda u, g: np.testing.assert_allclose(u, -0.1 * g, rtol=1e-6), updates, grads)
     first = opt_state[0]
     assert int(first.clusters.count) == 1
     np.testing.assert_array_equal(first.assignments, -np.ones(16))
+    # The first update puts the centres exactly where init_from_stats seeds them.
+    seed_key = jax.random.split(jax.random.key(0))[0]
+    seeded = clustering.init_from_stats(
+        stats, num_clusters=4, key=seed_key, leaves=list(first.clusters.centres)
+    )
+    jax.tree.map(np.testing.assert_array_equal, first.clusters.centres, seeded.centres)
+    np.testing.assert_array_equal(first.clusters.sizes, seeded.sizes)
     _, _, opt_state, stats = step(params, opt_state, data)
     want, want_assign = clustering.online_update(first.clusters, stats, decay=0.5)
     jax.tree.map(

@@ -49,6 +49,7 @@ __all__ = [
     "cluster_leaves",
     "distances",
     "init_from_stats",
+    "seed_rows",
     "size_weighted_argmin",
     "zero_directions",
 ]
@@ -192,29 +193,15 @@ def _seed_distances(factors, row):
     return gather_explicit(jnp.maximum(total, 0.0))
 
 
-def init_from_stats(stats, *, num_clusters: int, key: jax.Array, leaves) -> ClusterState:
-    r"""``K`` centres at ``K`` distinct examples of a batch, chosen by D² seeding.
+def seed_rows(stats, *, num_clusters: int, key: jax.Array, leaves) -> jax.Array:
+    r"""The ``(K,)`` distinct examples of a batch that :func:`init_from_stats` seeds at.
 
-    Centre ``k`` is example ``i_k``'s factors (``stats.factors``): ``ā_{i_k} ⊗ s_{i_k}`` for
-    a matrix leaf (the mean layer input over positions and the backprop signal summed over
-    positions; exactly ``g_{i_k}`` for a Dense layer on ``(B, d)`` inputs) and ``g_{i_k}``
-    for a one-factor leaf, so each centre starts on a real example's gradient. The first
-    example is uniform; for each next one, ``2 + ⌊ln K⌋`` candidates are drawn with
-    probability proportional to their squared distance to the nearest centre so far, and
-    the one that lowers the total of those distances most is kept (greedy k-means++:
-    Arthur & Vassilvitskii, "k-means++: The Advantages of Careful Seeding", SODA 2007).
-    Groups of identical examples thus each get a centre before any gets two. Sizes start
-    equal, ``B / K`` each. Pure and jittable.
-
-    Args:
-      stats: :class:`jaxeff.pergrad.PerExampleStats` of a batch of ``B >= K`` examples with
-        factors for ``leaves`` (e.g. computed with :func:`zero_directions`).
-      num_clusters: ``K`` (static).
-      key: PRNG key choosing the examples.
-      leaves: the paths to cluster on (:func:`cluster_leaves`).
-
-    Returns:
-      A :class:`ClusterState` with ``count = 0``.
+    D² seeding on the factored gradients: the first example is uniform; for each next
+    one, ``2 + ⌊ln K⌋`` candidates are drawn with probability proportional to their
+    squared distance to the nearest centre so far, and the one that lowers the total of
+    those distances most is kept (greedy k-means++: Arthur & Vassilvitskii, "k-means++: The
+    Advantages of Careful Seeding", SODA 2007). Pure and jittable; the rows of a batch
+    sharded over devices are picked by contractions, never gathered.
     """
     _check_num_clusters(num_clusters)
     factors = {
@@ -249,8 +236,37 @@ def init_from_stats(stats, *, num_clusters: int, key: jax.Array, leaves) -> Clus
 
     nearest = _seed_distances(factors, jax.nn.one_hot(first, batch, dtype=jnp.float32))
     chosen, _, _ = jax.lax.fori_loop(1, num_clusters, pick, (chosen, taken, nearest))
+    return chosen
+
+
+def init_from_stats(stats, *, num_clusters: int, key: jax.Array, leaves) -> ClusterState:
+    r"""``K`` centres at ``K`` distinct examples of a batch, chosen by D² seeding.
+
+    Centre ``k`` is example ``i_k``'s factors (``stats.factors``): ``ā_{i_k} ⊗ s_{i_k}`` for
+    a matrix leaf (the mean layer input over positions and the backprop signal summed over
+    positions; exactly ``g_{i_k}`` for a Dense layer on ``(B, d)`` inputs) and ``g_{i_k}``
+    for a one-factor leaf, so each centre starts on a real example's gradient. The
+    examples ``i_k`` are :func:`seed_rows` (greedy k-means++), so groups of identical
+    examples each get a centre before any gets two. Sizes start equal, ``B / K`` each.
+    Pure and jittable.
+
+    Args:
+      stats: :class:`jaxeff.pergrad.PerExampleStats` of a batch of ``B >= K`` examples with
+        factors for ``leaves`` (e.g. computed with :func:`zero_directions`).
+      num_clusters: ``K`` (static).
+      key: PRNG key choosing the examples.
+      leaves: the paths to cluster on (:func:`cluster_leaves`).
+
+    Returns:
+      A :class:`ClusterState` with ``count = 0``.
+    """
+    chosen = seed_rows(stats, num_clusters=num_clusters, key=key, leaves=leaves)
+    batch = stats.losses.shape[0]
     picks = jax.nn.one_hot(chosen, batch, dtype=jnp.float32)
-    centres = {path: tuple(_rows(f, picks) for f in parts) for path, parts in factors.items()}
+    centres = {
+        path: tuple(_rows(f.astype(jnp.float32), picks) for f in parts)
+        for path, parts in _factors(stats, list(leaves)).items()
+    }
     sizes = jnp.full((num_clusters,), batch / num_clusters, jnp.float32)
     return ClusterState(centres, sizes, jnp.zeros((), jnp.int32))
 

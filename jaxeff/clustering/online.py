@@ -23,9 +23,9 @@ import jax
 import jax.numpy as jnp
 
 from jaxeff.clustering.centres import ClusterState, assign
-from jaxeff.clustering.sums import cluster_sums, split_small_clusters
+from jaxeff.clustering.sums import ClusterSums, cluster_sums, split_small_clusters
 
-__all__ = ["check_online_options", "online_update"]
+__all__ = ["apply_sums", "check_online_options", "online_update"]
 
 
 def check_online_options(*, decay, min_fraction, reinit_every) -> None:
@@ -67,6 +67,22 @@ def online_update(
     check_online_options(decay=decay, min_fraction=min_fraction, reinit_every=reinit_every)
     assignments, dist = assign(state, stats, size_weighted=size_weighted, mask=mask)
     sums = cluster_sums(state, stats, assignments, dist, mask=mask)
+    new = apply_sums(
+        state, sums, decay=decay, min_fraction=min_fraction, reinit_every=reinit_every
+    )
+    return new, assignments
+
+
+def apply_sums(
+    state: ClusterState,
+    sums: ClusterSums,
+    *,
+    decay: float,
+    min_fraction: float,
+    reinit_every: int,
+) -> ClusterState:
+    """The clusters after the moving averages with one batch's sums (module docstring),
+    and every ``reinit_every`` updates the split of small clusters."""
     old = decay * state.sizes
     new = (1.0 - decay) * sums.counts
     total = old + new
@@ -87,4 +103,4 @@ def online_update(
         due = count % reinit_every == 0
         centres = jax.tree.map(lambda a, b: jnp.where(due, a, b), split_centres, centres)
         total = jnp.where(due, split_sizes, total)
-    return ClusterState(centres, total, count), assignments
+    return ClusterState(centres, total, count)

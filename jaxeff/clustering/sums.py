@@ -89,8 +89,15 @@ def cluster_sums(
     far = (jnp.arange(batch)[:, None] == far_index[None, :]) & (far_distance > -jnp.inf)[None]
     far = far.astype(jnp.float32)
 
-    def contract(weights, x):  # Σ_i weights[i, k] x[i]: replicated, also on explicit meshes
-        return jnp.einsum("bk,b...->k...", weights, x.astype(jnp.float32), **replicated_like(x))
+    def contract(weights, x):  # Σ_i weights[i, k] x[i]: replicated, also on explicit meshes;
+        # at full precision, so a cluster of one example is that example's factors exactly.
+        return jnp.einsum(
+            "bk,b...->k...",
+            weights,
+            x.astype(jnp.float32),
+            precision=jax.lax.Precision.HIGHEST,
+            **replicated_like(x),
+        )
 
     return ClusterSums(
         counts=jnp.sum(onehot, axis=0),

@@ -23,11 +23,13 @@ import optax
 from jaxeff.clustering.centres import (
     ClusterState,
     _check_num_clusters,
+    assign,
     cluster_leaves,
-    init_from_stats,
+    seed_rows,
     zero_directions,
 )
-from jaxeff.clustering.online import check_online_options, online_update
+from jaxeff.clustering.online import apply_sums, check_online_options
+from jaxeff.clustering.sums import cluster_sums
 from jaxeff.pergrad.reference import batch_size_of
 
 __all__ = ["GradientClusteringState", "gradient_clustering"]
@@ -137,18 +139,37 @@ def gradient_clustering(
             )
         key = jax.random.wrap_key_data(state.key)
         seed_key, next_key = jax.random.split(key)
+        clusters = state.clusters
+        first = clusters.count == 0
+        # One program for both cases, so that a step runs the collectives of a sharded
+        # batch once each and outside any branch (where they can merge with the
+        # gradient's): only the choice of the seeds, which the first update alone needs,
+        # sits behind a `cond`. The first update sums each seed as a cluster of its own,
+        # which puts every centre on its example's factors.
+        leaves = list(clusters.centres)
 
-        def seed(state):
-            clusters = init_from_stats(
-                stats, num_clusters=num_clusters, key=seed_key, leaves=list(state.clusters.centres)
+        def seeds(_):
+            chosen = seed_rows(stats, num_clusters=num_clusters, key=seed_key, leaves=leaves)
+            return jnp.full((batch_size,), -1, jnp.int32).at[chosen].set(
+                jnp.arange(num_clusters, dtype=jnp.int32)
             )
-            clusters = clusters._replace(count=jnp.ones((), jnp.int32))
-            return clusters, jnp.full((batch_size,), -1, jnp.int32)
 
-        def move(state):
-            return online_update(state.clusters, stats, **options)
+        def no_seeds(_):
+            return jnp.full((batch_size,), -1, jnp.int32)
 
-        clusters, assignments = jax.lax.cond(state.clusters.count == 0, seed, move, state)
+        seeded = jax.lax.cond(first, seeds, no_seeds, None)
+        assignments, dist = assign(clusters, stats)
+        sums = cluster_sums(clusters, stats, jnp.where(first, seeded, assignments), dist)
+        moved = apply_sums(clusters, sums, **options)
+        seeded_clusters = ClusterState(
+            sums.factor_sums,
+            jnp.full((num_clusters,), batch_size / num_clusters, jnp.float32),
+            jnp.ones((), jnp.int32),
+        )
+        clusters = jax.tree.map(
+            lambda a, b: jnp.where(first, a, b).astype(b.dtype), seeded_clusters, moved
+        )
+        assignments = jnp.where(first, -1, assignments)
         return updates, GradientClusteringState(
             clusters, assignments, jax.random.key_data(next_key)
         )
