@@ -36,13 +36,12 @@ split over the data axis, parameters and optimizer state donated:
   assigns the batch's examples and moves the ``--num_clusters`` centres online (Faghri
   et al., "A Study of Gradient Variance in Deep Learning", arXiv 2007.04532).
 
-Both all-reduce the gradients once. Besides them the GC step reduces the per-cluster sums
-of the batch's mean layer inputs and backprop signals, ``K (d_in + d_out)`` per layer, and
-gathers the ``B × K`` distances (its examples are assigned one after another) and the
-assignments. The counts are those of the compiled program, which also holds the branch
-that seeds the centres at the first step (``lax.cond``): it gathers every example's layer
-factors, ``B (d_in + d_out)`` per layer, and reduces its candidates' distances, though
-later steps never run it. No checkpoint is timed.
+Both all-reduce the gradients once. The GC step reduces the per-cluster sums of the
+batch's mean layer inputs and backprop signals, ``K (d_in + d_out)`` per layer, in that
+same all-reduce, and gathers the ``B × K`` distances (its examples are assigned one after
+another) and the assignments. The counts are those of the compiled program, which also
+holds the choice of the seeds for the first step behind a ``lax.cond``: its reductions of
+the candidates' distances never run later. No checkpoint is timed.
 """
 
 from __future__ import annotations
