@@ -159,6 +159,14 @@ def _factors(stats, paths) -> dict:
     return _from_stats(stats, "factors", paths, "factors")
 
 
+def _float_factors(stats, paths) -> dict:
+    """:func:`_factors` in float32."""
+    return {
+        path: tuple(x.astype(jnp.float32) for x in parts)
+        for path, parts in _factors(stats, list(paths)).items()
+    }
+
+
 def _leaf_sq_norms(stats, paths) -> dict:
     """``{path: (B,) ||g_{i,p}||²}`` for ``paths``."""
     flat = dict(zip(param_paths(stats.sq_norms), jax.tree.leaves(stats.sq_norms), strict=True))
@@ -204,10 +212,7 @@ def seed_rows(stats, *, num_clusters: int, key: jax.Array, leaves) -> jax.Array:
     sharded over devices are picked by contractions, never gathered.
     """
     _check_num_clusters(num_clusters)
-    factors = {
-        path: tuple(x.astype(jnp.float32) for x in parts)
-        for path, parts in _factors(stats, list(leaves)).items()
-    }
+    factors = _float_factors(stats, leaves)
     batch = stats.losses.shape[0]
     if batch < num_clusters:
         raise ValueError(
@@ -264,8 +269,8 @@ def init_from_stats(stats, *, num_clusters: int, key: jax.Array, leaves) -> Clus
     batch = stats.losses.shape[0]
     picks = jax.nn.one_hot(chosen, batch, dtype=jnp.float32)
     centres = {
-        path: tuple(_rows(f.astype(jnp.float32), picks) for f in parts)
-        for path, parts in _factors(stats, list(leaves)).items()
+        path: tuple(_rows(f, picks) for f in parts)
+        for path, parts in _float_factors(stats, leaves).items()
     }
     sizes = jnp.full((num_clusters,), batch / num_clusters, jnp.float32)
     return ClusterState(centres, sizes, jnp.zeros((), jnp.int32))
