@@ -301,6 +301,24 @@ def test_small_cluster_is_reseeded_at_farthest_member_of_highest_distortion_clus
         assert float(new.sizes[j]) == pytest.approx(counts[j] / 2)
 
 
+@pytest.mark.parametrize("size_weighted", [True, False])
+def test_online_update_with_masked_rows_is_the_update_without_them(size_weighted):
+    loss_fn, params = mlp_setup()
+    data = mlp_data(32)
+    state = mlp_state(loss_fn, params, 3, sizes=[4.0, 1.0, 9.0])
+    mask = np.ones(32, bool)
+    mask[[3, 10, 11, 30]] = False  # padding rows anywhere in the batch
+    options = dict(decay=0.5, size_weighted=size_weighted)
+    stats = stats_for(loss_fn, params, data, state)
+    got, assignments = clustering.online_update(state, stats, mask=mask, **options)
+    kept = jax.tree.map(lambda x: x[mask], data)
+    want, want_assignments = clustering.online_update(
+        state, stats_for(loss_fn, params, kept, state), **options
+    )
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), got, want)
+    np.testing.assert_array_equal(np.asarray(assignments)[mask], want_assignments)
+
+
 def test_online_update_matches_moving_average_formula():
     loss_fn, params = mlp_setup()
     data = mlp_data(32)

@@ -21,6 +21,7 @@ reading one back (every file access recorded with Python's audit hooks).
 import functools
 import json
 import os
+import re
 import sys
 import textwrap
 from concurrent.futures import ThreadPoolExecutor
@@ -127,7 +128,7 @@ def test_measure_on_a_sharded_dataset_equals_one_device(measured_on_one_device, 
 # ----------------------------------------------------------------------------------------
 # The GC training step, jitted, on a batch sharded over 8 devices.
 # ----------------------------------------------------------------------------------------
-def make_gc_step(tx):
+def make_gc_step(tx, **jit_options):
     """Weighted loss, gradient and statistics in one pass; the clusters move, then SGD."""
 
     def step(params, opt_state, batch):
@@ -142,7 +143,7 @@ def make_gc_step(tx):
         updates, opt_state = tx.update(grads, opt_state, params, per_example_stats=stats)
         return optax.apply_updates(params, updates), opt_state, loss
 
-    return jax.jit(step)
+    return jax.jit(step, **jit_options)
 
 
 def gc_batches(num_steps=3, size=16):
@@ -182,6 +183,32 @@ def test_gc_training_step_on_a_sharded_batch_equals_one_device(gc_steps_on_one_d
     assert_trees_close((params, opt_state, losses), want)
     assignments = np.asarray(want[1][0].assignments)
     assert int(want[1][0].clusters.count) == 3 and len(set(assignments.tolist())) > 1
+
+
+def entry_all_gathers(hlo: str) -> list[str]:
+    """The result types of the all-gathers in compiled HLO's entry computation: those run on
+    every call, outside any branch or loop."""
+    entry = hlo[hlo.index("\nENTRY") :]
+    entry = entry[: entry.index("\n}")]
+    return re.findall(r"= (\w+\[[\d,]*\])\S* all-gather(?:-start)?\(", entry)
+
+
+@pytest.mark.parametrize("axis_type", AXIS_TYPES)
+def test_gc_training_step_on_a_sharded_batch_gathers_only_the_distances(axis_type):
+    """Per step, the sharded GC step gathers the B x K distances (the examples are assigned
+    one after another on every device) and nothing else: the assignments it returns are
+    computed whole on every device, never gathered back from the batch's split (the
+    step's outputs replicated, as a training loop keeps its state)."""
+    mesh = jt.make_mesh(axis_type=axis_type)
+    params = nnx.state(MLP(nnx.Rngs(0)), nnx.Param)
+    tx = optax.chain(
+        clustering.gradient_clustering(mlp_loss(), mlp_data(16), num_clusters=4), optax.sgd(0.1)
+    )
+    state = jt.replicate((params, tx.init(params)), mesh)
+    batch = jt.shard_batch(next(gc_batches()), mesh)
+    step = make_gc_step(tx, out_shardings=jt.replicated_sharding(mesh))
+    hlo = step.lower(*state, batch).compile().as_text()
+    assert entry_all_gathers(hlo) == ["f32[16,4]"]
 
 
 # ----------------------------------------------------------------------------------------

@@ -46,6 +46,7 @@ __all__ = [
     "AssignmentCounts",
     "ClusterState",
     "assign",
+    "assign_members",
     "cluster_leaves",
     "distances",
     "init_from_stats",
@@ -330,6 +331,13 @@ def size_weighted_argmin(
     Returns:
       ``(assignments (B,) int32, counts so far including this batch)``.
     """
+    assignments, _, so_far = _scan_assign(dist, sizes, mask, so_far)
+    return assignments, so_far
+
+
+def _scan_assign(dist, sizes, mask, so_far):
+    """:func:`size_weighted_argmin`, also returning the ``(B, K)`` bool members, a second
+    output of the scan (see :func:`assign_members`)."""
     k = sizes.shape[0]
     dist = gather_explicit(dist)
     valid = jnp.ones(dist.shape[:1], bool) if mask is None else gather_explicit(jnp.asarray(mask))
@@ -342,11 +350,12 @@ def size_weighted_argmin(
         d, ok = row
         estimate = counts + sizes * jnp.maximum(0.0, 1.0 - seen / total)
         choice = jnp.argmin((estimate + 1.0) * d).astype(jnp.int32)
-        counts = counts + jnp.where(ok, jax.nn.one_hot(choice, k, dtype=jnp.float32), 0.0)
-        return AssignmentCounts(counts, seen + ok.astype(jnp.float32)), choice
+        member = (jnp.arange(k) == choice) & ok
+        counts = counts + member.astype(jnp.float32)
+        return AssignmentCounts(counts, seen + ok.astype(jnp.float32)), (choice, member)
 
-    so_far, assignments = jax.lax.scan(step, so_far, (dist, valid))
-    return assignments, so_far
+    so_far, (assignments, members) = jax.lax.scan(step, so_far, (dist, valid))
+    return assignments, members, so_far
 
 
 def assign(
@@ -367,8 +376,31 @@ def assign(
     Returns:
       ``(assignments (B,) int32, distances (B, K))``.
     """
-    dist = distances(state, stats)
-    if not size_weighted:
-        return jnp.argmin(dist, axis=1).astype(jnp.int32), dist
-    assignments, _ = size_weighted_argmin(dist, state.sizes, mask=mask)
+    assignments, _, dist = assign_members(state, stats, size_weighted=size_weighted, mask=mask)
     return assignments, dist
+
+
+def assign_members(
+    state: ClusterState, stats, *, size_weighted: bool = True, mask=None
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """:func:`assign`, with the ``(B, K)`` bool members ``[k(i) = k and row i is valid]``.
+
+    For :func:`jaxeff.clustering.sums.member_sums`. The members are computed beside the
+    assignments rather than from them, so that on a batch split over devices the
+    assignments stay whole on every device: the members are split like the factors they
+    are contracted with, and would otherwise take the assignments with them (a gather of
+    the assignments each step).
+
+    Returns:
+      ``(assignments (B,) int32, members (B, K) bool, distances (B, K))``.
+    """
+    dist = distances(state, stats)
+    if size_weighted:
+        assignments, members, _ = _scan_assign(dist, state.sizes, mask, None)
+        return assignments, members, dist
+    k = state.sizes.shape[0]
+    assignments = jnp.argmin(dist, axis=1).astype(jnp.int32)
+    members = assignments[:, None] == jnp.arange(k)[None, :]
+    if mask is not None:
+        members = members & jnp.asarray(mask, bool)[:, None]
+    return assignments, members, dist

@@ -22,8 +22,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxeff.clustering.centres import ClusterState, assign
-from jaxeff.clustering.sums import ClusterSums, cluster_sums, split_small_clusters
+from jaxeff.clustering.centres import ClusterState, assign_members
+from jaxeff.clustering.sums import ClusterSums, member_sums, split_small_clusters
 
 __all__ = ["apply_sums", "check_online_options", "online_update"]
 
@@ -65,11 +65,11 @@ def online_update(
       under ``state`` (the ones its sums were added to).
     """
     check_online_options(decay=decay, min_fraction=min_fraction, reinit_every=reinit_every)
-    assignments, dist = assign(state, stats, size_weighted=size_weighted, mask=mask)
-    sums = cluster_sums(state, stats, assignments, dist, mask=mask)
-    new = apply_sums(
-        state, sums, decay=decay, min_fraction=min_fraction, reinit_every=reinit_every
+    assignments, members, dist = assign_members(
+        state, stats, size_weighted=size_weighted, mask=mask
     )
+    sums = member_sums(state, stats, members, dist)
+    new = apply_sums(state, sums, decay=decay, min_fraction=min_fraction, reinit_every=reinit_every)
     return new, assignments
 
 

@@ -28,7 +28,14 @@ import jax.numpy as jnp
 from jaxeff.clustering.centres import ClusterState, _factors
 from jaxeff.pergrad.chunks import replicated_like
 
-__all__ = ["ClusterSums", "add_sums", "cluster_sums", "empty_sums", "split_small_clusters"]
+__all__ = [
+    "ClusterSums",
+    "add_sums",
+    "cluster_sums",
+    "empty_sums",
+    "member_sums",
+    "split_small_clusters",
+]
 
 
 class ClusterSums(NamedTuple):
@@ -78,12 +85,19 @@ def cluster_sums(
       A :class:`ClusterSums`.
     """
     k = state.sizes.shape[0]
+    valid = jnp.ones(assignments.shape, bool) if mask is None else jnp.asarray(mask, bool)
+    members = (assignments[:, None] == jnp.arange(k)[None, :]) & valid[:, None]
+    return member_sums(state, stats, members, dist)
+
+
+def member_sums(state: ClusterState, stats, members: jax.Array, dist: jax.Array) -> ClusterSums:
+    """:func:`cluster_sums` with the clusters given as ``(B, K)`` bool members, ``members[i, k]``
+    true iff example ``i`` is a (valid) member of cluster ``k``
+    (:func:`jaxeff.clustering.centres.assign_members`)."""
     factors = _factors(stats, list(state.centres))
-    batch = assignments.shape[0]
-    valid = jnp.ones((batch,), bool) if mask is None else jnp.asarray(mask, bool)
-    member = (assignments[:, None] == jnp.arange(k)[None, :]) & valid[:, None]  # (B, K)
-    onehot = member.astype(jnp.float32)
-    own = jnp.where(member, dist, -jnp.inf)  # (B, K): distance to own centre, or -inf
+    batch = members.shape[0]
+    onehot = members.astype(jnp.float32)
+    own = jnp.where(members, dist, -jnp.inf)  # (B, K): distance to own centre, or -inf
     far_distance = jnp.max(own, axis=0)
     far_index = jnp.argmax(own, axis=0)
     far = (jnp.arange(batch)[:, None] == far_index[None, :]) & (far_distance > -jnp.inf)[None]
@@ -102,7 +116,7 @@ def cluster_sums(
     return ClusterSums(
         counts=jnp.sum(onehot, axis=0),
         factor_sums={p: tuple(contract(onehot, f) for f in fs) for p, fs in factors.items()},
-        distortion=jnp.sum(jnp.where(member, dist, 0.0), axis=0),
+        distortion=jnp.sum(jnp.where(members, dist, 0.0), axis=0),
         far_distance=far_distance,
         far_factors={p: tuple(contract(far, f) for f in fs) for p, fs in factors.items()},
     )

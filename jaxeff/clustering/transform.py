@@ -23,13 +23,13 @@ import optax
 from jaxeff.clustering.centres import (
     ClusterState,
     _check_num_clusters,
-    assign,
+    assign_members,
     cluster_leaves,
     seed_rows,
     zero_directions,
 )
 from jaxeff.clustering.online import apply_sums, check_online_options
-from jaxeff.clustering.sums import cluster_sums
+from jaxeff.clustering.sums import member_sums
 from jaxeff.pergrad.reference import batch_size_of
 
 __all__ = ["GradientClusteringState", "gradient_clustering"]
@@ -148,18 +148,16 @@ def gradient_clustering(
         # which puts every centre on its example's factors.
         leaves = list(clusters.centres)
 
-        def seeds(_):
+        def seeds(_):  # (B, K) members: seed k alone in cluster k
             chosen = seed_rows(stats, num_clusters=num_clusters, key=seed_key, leaves=leaves)
-            return jnp.full((batch_size,), -1, jnp.int32).at[chosen].set(
-                jnp.arange(num_clusters, dtype=jnp.int32)
-            )
+            return jnp.arange(batch_size)[:, None] == chosen[None, :]
 
         def no_seeds(_):
-            return jnp.full((batch_size,), -1, jnp.int32)
+            return jnp.zeros((batch_size, num_clusters), bool)
 
         seeded = jax.lax.cond(first, seeds, no_seeds, None)
-        assignments, dist = assign(clusters, stats)
-        sums = cluster_sums(clusters, stats, jnp.where(first, seeded, assignments), dist)
+        assignments, members, dist = assign_members(clusters, stats)
+        sums = member_sums(clusters, stats, jnp.where(first, seeded, members), dist)
         moved = apply_sums(clusters, sums, **options)
         seeded_clusters = ClusterState(
             sums.factor_sums,
