@@ -39,9 +39,9 @@ split over the data axis, parameters and optimizer state donated:
 Both all-reduce the gradients once. The GC step reduces the per-cluster sums of the
 batch's mean layer inputs and backprop signals, ``K (d_in + d_out)`` per layer, in that
 same all-reduce, and gathers the ``B × K`` distances (its examples are assigned one after
-another): one all-reduce and one all-gather run per step. The counts are those of the compiled program, which also
-holds the choice of the seeds for the first step behind a ``lax.cond``: its reductions of
-the candidates' distances never run later. No checkpoint is timed.
+another): one all-reduce and one all-gather run per step. The counts are those of the
+compiled program, which also holds the choice of the seeds for the first step behind a
+``lax.cond``: its reductions of the candidates' distances never run later. No checkpoint is timed.
 """
 
 from __future__ import annotations
