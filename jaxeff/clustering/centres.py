@@ -398,9 +398,11 @@ def assign_members(
     if size_weighted:
         assignments, members, _ = _scan_assign(dist, state.sizes, mask, None)
         return assignments, members, dist
-    k = state.sizes.shape[0]
     assignments = jnp.argmin(dist, axis=1).astype(jnp.int32)
-    members = assignments[:, None] == jnp.arange(k)[None, :]
-    if mask is not None:
-        members = members & jnp.asarray(mask, bool)[:, None]
-    return assignments, members, dist
+    return assignments, _members(assignments, state.sizes.shape[0], mask), dist
+
+
+def _members(assignments, num_clusters: int, mask) -> jax.Array:
+    """``(B, K)`` bool ``[assignments[i] = k and row i is valid]``."""
+    members = assignments[:, None] == jnp.arange(num_clusters)[None, :]
+    return members if mask is None else members & jnp.asarray(mask, bool)[:, None]

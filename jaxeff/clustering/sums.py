@@ -25,7 +25,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jaxeff.clustering.centres import ClusterState, _factors
+from jaxeff.clustering.centres import ClusterState, _factors, _members
 from jaxeff.pergrad.chunks import replicated_like
 
 __all__ = [
@@ -84,10 +84,7 @@ def cluster_sums(
     Returns:
       A :class:`ClusterSums`.
     """
-    k = state.sizes.shape[0]
-    valid = jnp.ones(assignments.shape, bool) if mask is None else jnp.asarray(mask, bool)
-    members = (assignments[:, None] == jnp.arange(k)[None, :]) & valid[:, None]
-    return member_sums(state, stats, members, dist)
+    return member_sums(state, stats, _members(assignments, state.sizes.shape[0], mask), dist)
 
 
 def member_sums(state: ClusterState, stats, members: jax.Array, dist: jax.Array) -> ClusterSums:
