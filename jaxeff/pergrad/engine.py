@@ -43,6 +43,7 @@ estimators); such a function's parameters belong on the ``vmap`` path (``vmap_le
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Callable, Mapping
@@ -59,7 +60,7 @@ from jaxeff.pergrad import forms as _forms
 from jaxeff.pergrad import tracing
 from jaxeff.pergrad.chunks import replicated_like, sum_over_examples
 from jaxeff.pergrad.reference import batch_size_of, check_chunk_size, per_example_grads
-from jaxeff.pergrad.rules import layer_stats
+from jaxeff.pergrad.rules import layer_stats, weighted_contraction
 
 __all__ = [
     "FAST",
@@ -403,27 +404,45 @@ def _zeros(aval, steps):
     return jnp.zeros(shape, aval.dtype)
 
 
-def one_pass(
-    loss_fn, has_aux, with_sum_sq, chunk_size, vmap_leaves, params, batch, weights, directions
-):
-    """The traceable core: ``(stats, aux, weighted grads or None)``; not jitted.
+@dataclasses.dataclass(frozen=True)
+class Collected:
+    """What one traced pass of the loss records (see :func:`collect`), inside a trace.
 
-    ``weights`` is ``(B,)`` or ``None`` (no gradient); ``directions`` as
-    :func:`per_example_stats`; ``vmap_leaves`` a tuple of leaf indices.
+    Attributes:
+      losses: ``(R,)`` per-example losses, ``R`` the rows run (``B``, or 2 for ``B = 1``).
+      aux: the loss's auxiliary output (``None`` without ``has_aux``).
+      forms: ``{leaf index: [per-example forms]}`` (:mod:`~jaxeff.pergrad.forms`).
+      shapes: each leaf's shape.
+      reasons: ``{leaf index: why it took the vmap path}``.
+      padded: whether ``B = 1`` ran as two rows, the second a zero-cotangent copy.
+    """
+
+    losses: jax.Array
+    aux: Any
+    forms: dict
+    shapes: tuple
+    reasons: Mapping
+    padded: bool
+
+
+def collect(loss_fn, has_aux, chunk_size, vmap_leaves, params, batch) -> Collected:
+    """Traces ``loss_fn`` once and records every leaf's per-example forms; not jitted.
+
+    One forward and one backward pass (the backward from the per-example losses'
+    cotangent ``1``) give each parameter use's operand and cotangent; leaves with no exact
+    form, and ``vmap_leaves`` (a tuple of leaf indices), get their per-example gradients
+    from :func:`~jaxeff.pergrad.per_example_grads` instead.
     """
     leaves, treedef = jax.tree_util.tree_flatten(params)
-    paths = param_paths(params)
-    shapes = [tuple(jnp.shape(x)) for x in leaves]
+    shapes = tuple(tuple(jnp.shape(x)) for x in leaves)
     batch_leaves, batch_def = jax.tree_util.tree_flatten(batch)
     size = batch_size_of(batch)
     # With one example, size-1 axes let jnp drop broadcasts, so the traces for 1 and 2
     # examples differ. Run on the example twice instead; the copy gets a zero cotangent, so
     # it adds nothing to any statistic, and is dropped from the per-example results.
     padded = size == 1
-    run_size = 2 if padded else size
     if padded:
         batch_leaves = [jnp.concatenate([x, x]) for x in batch_leaves]
-    factors = _check_directions(directions, paths, shapes)
     aux_def = []
 
     def flat_fn(*args):
@@ -487,9 +506,13 @@ def one_pass(
             for f in found:
                 leaf_forms[f.leaf].append(f)
         aux = jax.tree_util.tree_unflatten(aux_def[0], aux_leaves) if has_aux else None
+        if padded and has_aux:
+            aux = loss_fn(params, batch)[1]
     else:
         out = loss_fn(params, batch)
         losses, aux = out if has_aux else (out, None)
+        if padded:
+            losses = jnp.concatenate([losses, losses])
 
     slow = sorted(k for k in reasons)
     if slow:
@@ -507,6 +530,75 @@ def one_pass(
             if padded:
                 g = jnp.concatenate([g, jnp.zeros_like(g)])
             leaf_forms[k] = [_forms.Dense(k, g)]
+    return Collected(
+        losses=losses,
+        aux=aux,
+        forms=leaf_forms,
+        shapes=shapes,
+        reasons=reasons,
+        padded=padded,
+    )
+
+
+def leaf_sq_norms(col: Collected) -> list:
+    """``[(R,) ||g_{i,p}||² for each leaf p]`` of a :class:`Collected` pass."""
+    out = []
+    for k, shape in enumerate(col.shapes):
+        if col.forms[k]:
+            out.append(_leaf_stats(col.forms[k], shape, None, False, None, jnp.float32)[0])
+        else:
+            out.append(jnp.zeros(col.losses.shape, jnp.float32))
+    return out
+
+
+def _rows(x, keep):
+    """``x`` with the rows where ``keep`` is false set to zero (not multiplied: NaN-safe)."""
+    return jnp.where(keep.reshape(-1, *([1] * (x.ndim - 1))), x, jnp.zeros((), x.dtype))
+
+
+def leaf_weighted_grad(leaf_forms, shape, weights, keep):
+    """``Σ_i w_i g_{i,p}`` of one leaf from its forms, rows with ``keep`` false left out.
+
+    ``weights`` and ``keep`` are ``(R,)``. Left-out rows are zeroed before any product,
+    so a NaN or inf in them reaches nothing. The contraction is the ordinary backward
+    pass's weight gradient (:func:`~jaxeff.pergrad.rules.weighted_contraction`), with the
+    weights on the narrower side.
+    """
+    f32 = jnp.float32
+    w = weights.astype(f32)
+    outers = [f for f in leaf_forms if isinstance(f, _forms.Outer)]
+    bases = [f for f in leaf_forms if isinstance(f, _forms.Basis)]
+    denses = [f for f in leaf_forms if isinstance(f, _forms.Dense)]
+    groups, disjoint = _groups(outers)
+    if denses or not disjoint:
+        grads = _rows(_per_example(leaf_forms, shape, f32), keep)
+        return jnp.einsum("b...,b->...", grads, w, **replicated_like(grads))
+    grad = jnp.zeros(shape, f32)
+    for g in groups:
+        a, d = _rows(g.a.astype(f32), keep), _rows(g.delta.astype(f32), keep)
+        grad = grad + _to_leaf(weighted_contraction(a, d, w), g.index, shape, f32)
+    if bases:
+        coeffs = _rows(jnp.concatenate([b.coeffs.astype(f32) for b in bases], axis=1), keep)
+        basis = jnp.concatenate([b.basis.astype(f32) for b in bases], axis=0)
+        grad = grad + jnp.einsum("b,bm,m...->...", w, coeffs, basis)
+    return grad
+
+
+def one_pass(
+    loss_fn, has_aux, with_sum_sq, chunk_size, vmap_leaves, params, batch, weights, directions
+):
+    """The traceable core: ``(stats, aux, weighted grads or None)``; not jitted.
+
+    ``weights`` is ``(B,)`` or ``None`` (no gradient); ``directions`` as
+    :func:`per_example_stats`; ``vmap_leaves`` a tuple of leaf indices.
+    """
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    paths = param_paths(params)
+    col = collect(loss_fn, has_aux, chunk_size, vmap_leaves, params, batch)
+    shapes, reasons, leaf_forms, padded = col.shapes, col.reasons, col.forms, col.padded
+    losses, aux = col.losses, col.aux
+    run_size = losses.shape[0]
+    factors = _check_directions(directions, paths, shapes)
 
     w = None if weights is None else weights.astype(jnp.float32)
     if padded and w is not None:
@@ -539,8 +631,6 @@ def one_pass(
         norms = [n[:1] for n in norms]
         dots = {p: d[:, :1] for p, d in dots.items()}
         leaf_factors = {p: tuple(x[:1] for x in f) for p, f in leaf_factors.items()}
-        if has_aux and tr is not None:
-            aux = loss_fn(params, batch)[1]
     unflat = functools.partial(jax.tree_util.tree_unflatten, treedef)
     stats = PerExampleStats(
         losses=losses,

@@ -134,7 +134,7 @@ def _weighted_example_sum(x, weights):
     return jnp.einsum("b...,b->...", x, weights, **replicated_like(x))
 
 
-def _weighted_contraction(a, delta, weights):
+def weighted_contraction(a, delta, weights):
     """``Σ_i w_i Σ_t a_{i,t} δ_{i,t}^T`` as one contraction (an ordinary weight gradient).
 
     The weights scale the narrower of ``a`` and ``δ``.
@@ -268,7 +268,7 @@ def layer_stats(
             grad_weights=w,
         )
     if w is not None and kernel_grad is None:
-        kernel_grad = _weighted_contraction(a, delta, w)
+        kernel_grad = weighted_contraction(a, delta, w)
 
     bias_sq = bias_sum_sq = bias_grads = bias_grad = None
     if use_bias:
