@@ -683,7 +683,7 @@ def _check_params(params) -> None:
             )
 
 
-def _check_args(loss_fn, params, batch, with_sum_sq, chunk_size, vmap_leaves):
+def check_args(loss_fn, params, batch, with_sum_sq, chunk_size, vmap_leaves):
     if not callable(loss_fn):
         raise TypeError(f"`loss_fn` must be callable, got {type(loss_fn).__name__}.")
     if not isinstance(with_sum_sq, bool):
@@ -763,7 +763,7 @@ def per_example_stats(
       stats = per_example_stats(loss_fn, variables["params"], batch)
       stats.total_sq_norms  # (B,)
     """
-    _, slow = _check_args(loss_fn, params, batch, with_sum_sq, chunk_size, tuple(vmap_leaves))
+    _, slow = check_args(loss_fn, params, batch, with_sum_sq, chunk_size, tuple(vmap_leaves))
     return _stats_jit(
         params,
         batch,
@@ -812,7 +812,7 @@ def value_grad_and_stats(
       ``(loss, grads, stats)``, or ``((loss, aux), grads, stats)`` with ``has_aux`` (as
       ``jax.value_and_grad``); ``grads`` is a pytree like ``params`` with its dtypes.
     """
-    size, slow = _check_args(loss_fn, params, batch, with_sum_sq, chunk_size, tuple(vmap_leaves))
+    size, slow = check_args(loss_fn, params, batch, with_sum_sq, chunk_size, tuple(vmap_leaves))
     if not isinstance(has_aux, bool):
         raise TypeError(f"`has_aux` must be a bool, got {has_aux!r}.")
     weights = check_weights(weights, size)
