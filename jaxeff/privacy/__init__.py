@@ -8,6 +8,10 @@
   an optax transform) take its ``sensitivity()`` unchanged.
 * :func:`dpsgd_epsilon` -- ``ε`` from dp-accounting's PLD or RDP accountant
   (:mod:`~jaxeff.privacy.accounting`).
+* :class:`PoissonSampler` -- a checkpointable grain sampler that draws each example with
+  probability ``q`` (the sampling the accountants assume), padded to a fixed batch with
+  weight-0 slots, overflow reported; :func:`padded_batch_size` sizes the batch
+  (:mod:`~jaxeff.privacy.sampler`).
 
 An optax loop becomes DP-SGD by replacing ``jax.grad`` with :func:`clipped_grad` and
 chaining the privatizer in front of the optimizer::
@@ -19,5 +23,13 @@ chaining the privatizer in front of the optimizer::
 
 from jaxeff.privacy.accounting import dpsgd_epsilon, dpsgd_event
 from jaxeff.privacy.clipping import ClipReport, clipped_grad
+from jaxeff.privacy.sampler import PoissonSampler, padded_batch_size
 
-__all__ = ["ClipReport", "clipped_grad", "dpsgd_epsilon", "dpsgd_event"]
+__all__ = [
+    "ClipReport",
+    "PoissonSampler",
+    "clipped_grad",
+    "dpsgd_epsilon",
+    "dpsgd_event",
+    "padded_batch_size",
+]

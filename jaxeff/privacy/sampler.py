@@ -196,7 +196,7 @@ class PoissonSampler(_BatchStream):
     def _draw(self, rng):
         drawn = self._poisson(rng)[: self.batch_size]
         indices = np.zeros(self.batch_size, np.int64)  # padding: example 0, weight 0
-        weights = np.ones(self.batch_size, np.float32)
+        weights = np.zeros(self.batch_size, np.float32)
         indices[: len(drawn)] = drawn
         weights[: len(drawn)] = 1.0
         return indices, weights
