@@ -26,3 +26,21 @@ def test_gradient_clustering_example_trains_a_model_jaxeff_did_not_define():
     sizes = sampler.cluster_sizes
     assert sizes.sum() == len(namespace["y"]) and (sizes > 0).sum() > 1  # clusters in use
     assert int(namespace["opt_state"][0].clusters.count) == 40
+
+
+def test_dp_sgd_example_trains_privately_and_reports_its_epsilon():
+    import dp_accounting
+
+    code = section_code("Differentially private SGD")
+    assert "steps = 64 / len(y), 1.0, 300" in code
+    namespace = {}
+    code = code.replace("steps = 64 / len(y), 1.0, 300", "steps = 64 / len(y), 1.0, 60")
+    exec(compile(code, "README.md", "exec"), namespace)
+    q = namespace["q"]
+    event = dp_accounting.SelfComposedDpEvent(
+        dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(1.0)), 60
+    )
+    expected = dp_accounting.pld.PLDAccountant().compose(event).get_epsilon(1e-5)
+    assert namespace["epsilon"] == expected
+    assert namespace["accuracy"] > 0.5  # chance is 0.1
+    assert namespace["sampler"].next_step == 60
