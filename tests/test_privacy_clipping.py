@@ -155,6 +155,11 @@ def test_equals_jax_privacy(name):
     close(ours, theirs)
     assert ours_fn.sensitivity() == theirs_fn.sensitivity() == pytest.approx(threshold / 4.0)
     assert isinstance(ours_fn, jax_privacy.clipping.BoundedSensitivityCallable)
+    unit = {"l2_clip_norm": threshold, "normalize_by": 4.0, "rescale_to_unit_norm": True}
+    theirs_fn = jax_privacy.clipped_grad(lambda p, b: loss_fn(p, b)[0], **unit)
+    ours_fn = clipped_grad(loss_fn, method="ghost", **unit)
+    close(ours_fn(params, batch)[0], theirs_fn(params, batch))
+    assert ours_fn.sensitivity() == theirs_fn.sensitivity() == pytest.approx(0.25)
 
 
 def test_noise_has_the_scale_of_the_sensitivity():

@@ -175,7 +175,7 @@ def _norms_and_keep(leaf_sq, groups, thresholds, valid):
 
 
 def _book_keeping(loss_fn, has_aux, chunk_size, vmap_leaves, params, batch, valid, spec):
-    groups, thresholds, normalize_by = spec[0], dict(spec[1]), spec[2]
+    groups, thresholds, divisor = spec[0], dict(spec[1]), spec[2]
     col = engine.collect(loss_fn, has_aux, chunk_size, vmap_leaves, params, batch)
     leaf_sq = engine.leaf_sq_norms(col)
     if col.padded:  # B = 1 ran as two rows; the second is a copy with no cotangent
@@ -185,7 +185,7 @@ def _book_keeping(loss_fn, has_aux, chunk_size, vmap_leaves, params, batch, vali
     grads = []
     for k, x in enumerate(leaves):
         if col.forms[k]:
-            w = scales[groups[k]] / normalize_by
+            w = scales[groups[k]] / divisor
             g = engine.leaf_weighted_grad(col.forms[k], col.shapes[k], w, keep)
         else:
             g = jnp.zeros(col.shapes[k], jnp.float32)
@@ -196,13 +196,13 @@ def _book_keeping(loss_fn, has_aux, chunk_size, vmap_leaves, params, batch, vali
 
 
 def _ghost(loss_fn, has_aux, chunk_size, vmap_leaves, params, batch, valid, spec):
-    groups, thresholds, normalize_by = spec[0], dict(spec[1]), spec[2]
+    groups, thresholds, divisor = spec[0], dict(spec[1]), spec[2]
     stats, aux, _ = engine.one_pass(
         loss_fn, has_aux, False, chunk_size, vmap_leaves, params, batch, None, None
     )
     leaf_sq = jax.tree_util.tree_leaves(stats.sq_norms)
     group_sq, total_sq, finite, keep, scales = _norms_and_keep(leaf_sq, groups, thresholds, valid)
-    scale = jax.lax.stop_gradient(scales[""] / normalize_by)
+    scale = jax.lax.stop_gradient(scales[""] / divisor)
     # The rows left out are replaced by a kept example (weight 0), so that their NaN or
     # inf values never enter the backward pass's sums (0 * NaN is NaN).
     first = jnp.argmax(keep)
@@ -249,6 +249,7 @@ def clipped_grad(
     l2_clip_norm: float | Mapping[str, float],
     method: str = "book-keeping",
     normalize_by: float = 1.0,
+    rescale_to_unit_norm: bool = False,
     has_aux: bool = False,
     chunk_size: int | None = None,
     vmap_leaves: tuple = (),
@@ -260,12 +261,13 @@ def clipped_grad(
       \\frac{1}{n} \\sum_i \\min\\Big(1, \\frac{C}{\\|\\nabla_\\theta \\ell_i\\|_2}\\Big)
       \\nabla_\\theta \\ell_i
 
-    with ``n = normalize_by`` (module docstring for the algorithms and group-wise
-    clipping). The returned object is jax-privacy's ``BoundedSensitivityCallable``: its
-    ``sensitivity()`` (``C / n``, or ``sqrt(Σ_G C_G²) / n``, under add/remove-one or
-    zero-out; twice that under replace-one) scales jax-privacy's noise mechanisms, and it
-    goes wherever jax-privacy takes its own ``clipped_grad`` (it always returns
-    ``(grads, report)``, as jax-privacy's with auxiliary outputs).
+    with ``n = normalize_by`` (times ``C`` with ``rescale_to_unit_norm``; the module
+    docstring has the algorithms and group-wise clipping). The returned object is
+    jax-privacy's ``BoundedSensitivityCallable``: its ``sensitivity()`` (``C / n``, or
+    ``sqrt(Σ_G C_G²) / n``, under add/remove-one or zero-out; twice that under
+    replace-one) scales jax-privacy's noise mechanisms. Like jax-privacy's
+    ``clipped_grad`` with auxiliary outputs, it returns ``(grads, report)`` and takes the
+    padding mask as ``is_padding_example``.
 
     Args:
       loss_fn: ``loss_fn(params, batch) -> (B,)`` per-example losses (``((B,), aux)`` with
@@ -280,6 +282,9 @@ def clipped_grad(
         memory held at once).
       normalize_by: ``n > 0``: the sum is divided by it (the expected batch size ``qN`` for
         a mean over a Poisson-sampled batch; not the drawn count, which is private).
+      rescale_to_unit_norm: also divide by ``C`` (by ``sqrt(Σ_G C_G²)`` group-wise), so
+        the sensitivity is ``1 / n`` whatever ``C`` (as jax-privacy's option: the learning
+        rate then does not depend on the threshold).
       has_aux: whether ``loss_fn`` returns ``(losses, aux)``.
       chunk_size: examples per chunk on the engine's ``vmap`` path.
       vmap_leaves: parameter paths to send to the ``vmap`` path whatever their uses.
@@ -314,6 +319,13 @@ def clipped_grad(
             "each example's whole gradient by one factor."
         )
     normalize_by = _check_norm(normalize_by, "normalize_by")
+    if not isinstance(rescale_to_unit_norm, bool):
+        raise TypeError(f"`rescale_to_unit_norm` must be a bool, got {rescale_to_unit_norm!r}.")
+    if isinstance(thresholds, tuple):
+        bound = math.sqrt(sum(c * c for _, c in thresholds))
+    else:
+        bound = thresholds
+    divisor = normalize_by * bound if rescale_to_unit_norm else normalize_by
     if not isinstance(has_aux, bool):
         raise TypeError(f"`has_aux` must be a bool, got {has_aux!r}.")
     vmap_leaves = tuple(vmap_leaves)
@@ -322,7 +334,7 @@ def clipped_grad(
         size, slow = engine.check_args(loss_fn, params, batch, False, chunk_size, vmap_leaves)
         valid = ~_check_padding(is_padding_example, size)
         groups, by_group = _leaf_groups(params, thresholds)
-        spec = (tuple(groups), tuple(sorted(by_group.items())), normalize_by)
+        spec = (tuple(groups), tuple(sorted(by_group.items())), divisor)
         return _clipped_jit(
             params,
             batch,
@@ -335,8 +347,4 @@ def clipped_grad(
             spec=spec,
         )
 
-    if isinstance(thresholds, tuple):
-        bound = math.sqrt(sum(c * c for _, c in thresholds))
-    else:
-        bound = thresholds
-    return BoundedSensitivityCallable(grad_fn, bound / normalize_by, has_aux=True)
+    return BoundedSensitivityCallable(grad_fn, bound / divisor, has_aux=True)
