@@ -294,7 +294,60 @@ def check_robust_linear(workdir):
     assert robust_auc["linear conv net"]["Fourier-L∞"] > robust_auc["fully connected"]["Fourier-L∞"]
 
 
+def check_dp_sgd(workdir):
+    import dp_accounting
+
+    from jaxeff import privacy
+
+    summary = json.loads((workdir / "dp_sgd_results.json").read_text())
+    sizes = summary["sizes"]
+    n, q, steps, every = (sizes[k] for k in ("num_train", "sampling_rate", "steps", "eval_every"))
+    assert n == 1438 and q == pytest.approx(128 / 1438, rel=1e-12), sizes
+    assert sizes["batch_size"] == privacy.padded_batch_size(n, q)
+
+    def pld_epsilon(sigma, num_steps):
+        step = dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma))
+        event = dp_accounting.SelfComposedDpEvent(step, num_steps)
+        return dp_accounting.pld.PLDAccountant().compose(event).get_epsilon(sizes["delta"])
+
+    # Part 1: plain SGD learns the digits (measured 0.975; chance is 0.1).
+    plain = summary["plain_accuracy"]
+    assert plain > 0.9, plain
+
+    # Part 3: the clipped sum is jax-privacy's to float32 rounding (measured 1e-9 against
+    # entries of 5e-3), on a batch with clipped and unclipped examples and padding; the
+    # sensitivity is C / (qN) for both.
+    comparison = summary["comparison"]
+    assert comparison["max_abs"] > 0, comparison
+    assert comparison["max_abs_diff"] <= 1e-5 * comparison["max_abs"], comparison
+    assert 0 < comparison["clipped_share"] < 1, comparison
+    assert 0 < comparison["real_examples"] < sizes["batch_size"], comparison
+    expected = sizes["l2_clip_norm"] / (q * n)
+    assert comparison["sensitivity"] == pytest.approx([expected, expected], rel=1e-12)
+    assert all(math.isfinite(t) and t > 0 for t in comparison["timing_ms"].values())
+
+    # Parts 2 and 4: ε is dp-accounting's for the run's event, grows with the steps and
+    # falls with σ; every run beats chance by far, the noisiest stays below non-private.
+    runs = summary["runs"]
+    assert summary["dp_sigma_1"] == runs["1"]  # the same seeds: the same run, bit for bit
+    finals = []
+    for sigma, run in runs.items():
+        curve = run["curve"]
+        assert [r["step"] for r in curve] == list(range(every, steps + 1, every)), sigma
+        epsilons = [r["epsilon"] for r in curve]
+        assert epsilons[0] > 0 and np.all(np.diff(epsilons) > 0), (sigma, epsilons)
+        assert epsilons[-1] == pytest.approx(pld_epsilon(float(sigma), steps), rel=1e-9)
+        assert all(0 <= r["clipped_fraction"] <= 1 for r in curve), sigma
+        assert curve[-1]["test_accuracy"] > 0.6, (sigma, curve[-1])
+        assert run["overflowed"] == 0, sigma
+        finals.append(epsilons[-1])
+    assert finals == sorted(finals, reverse=True) and len(set(finals)) == len(finals), finals
+    noisiest = runs[max(runs, key=float)]["curve"][-1]["test_accuracy"]
+    assert noisiest < plain - 0.02, (noisiest, plain)
+
+
 RESULT_CHECKS = {
+    "dp_sgd.ipynb": check_dp_sgd,
     "gradient_variance.ipynb": check_gradient_variance,
     "robust_linear.ipynb": check_robust_linear,
     "vsepp.ipynb": check_vsepp,
