@@ -33,7 +33,14 @@ import jax
 import jax.numpy as jnp
 import jax_privacy
 
-from benchmarks.pergrad_engine import mlp_linen, mlp_plain, mnist_batch, transformer, vse_text
+from benchmarks.pergrad_engine import (
+    compile_all,
+    mlp_linen,
+    mlp_plain,
+    mnist_batch,
+    transformer,
+    vse_text,
+)
 from jaxeff.privacy import clipped_grad
 
 MICROBATCH_BYTES = 512 * 2**20
@@ -86,11 +93,7 @@ def variants(loss_fn, params, batch):
 
 
 def measure(fn, args, steps, budget):
-    compiled = jax.jit(fn).lower(*args).compile()
-    memory = compiled.memory_analysis()
-    mib = None
-    if memory is not None:
-        mib = (memory.temp_size_in_bytes + memory.output_size_in_bytes) / 2**20
+    ((compiled, mib),) = compile_all({"fn": fn}, args).values()
     start = time.perf_counter()
     jax.block_until_ready(compiled(*args))
     best = time.perf_counter() - start
