@@ -162,6 +162,25 @@ def test_equals_jax_privacy(name):
     assert ours_fn.sensitivity() == theirs_fn.sensitivity() == pytest.approx(0.25)
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_infinite_threshold_clips_nothing(method):
+    loss_fn, params, make = models.equinox_gru()
+    batch = make(5)
+    padding = jnp.array([0, 1, 0, 0, 0], bool)
+    grads = models.brute_force(loss_fn, params, batch)
+    keep = ~np.asarray(padding)
+    expected = jax.tree.map(lambda g: np.einsum("b...,b->...", g, keep) / 4.0, grads)
+    fn = clipped_grad(loss_fn, l2_clip_norm=float("inf"), method=method, normalize_by=4.0)
+    ours, report = fn(params, batch, is_padding_example=padding)
+    close(ours, expected)
+    np.testing.assert_allclose(report.grad_norms, per_example_norms(grads), rtol=2e-4)
+    theirs_fn = jax_privacy.clipped_grad(
+        lambda p, b: loss_fn(p, b)[0], l2_clip_norm=jnp.inf, normalize_by=4.0
+    )
+    close(ours, theirs_fn(params, batch, is_padding_example=padding))
+    assert fn.sensitivity() == theirs_fn.sensitivity() == float("inf")
+
+
 def test_noise_has_the_scale_of_the_sensitivity():
     """jax-privacy's privatizer, fed our clipped gradient: noise std ``σ C / n``."""
     loss_fn, params, make = models.linen_mlp()
@@ -237,10 +256,14 @@ def test_loss_that_couples_examples_is_refused():
 def test_bad_arguments_are_named():
     loss_fn, params, make = models.linen_mlp()
     batch = make(4)
-    with pytest.raises(ValueError, match="`l2_clip_norm` must be a positive finite number"):
+    with pytest.raises(ValueError, match="`l2_clip_norm` must be a positive number or inf"):
         clipped_grad(loss_fn, l2_clip_norm=-1.0)
     with pytest.raises(ValueError, match="`l2_clip_norm\\['x'\\]` must be a positive"):
-        clipped_grad(loss_fn, l2_clip_norm={"x": float("inf")})
+        clipped_grad(loss_fn, l2_clip_norm={"x": float("nan")})
+    with pytest.raises(ValueError, match="`normalize_by` must be a positive finite"):
+        clipped_grad(loss_fn, l2_clip_norm=1.0, normalize_by=float("inf"))
+    with pytest.raises(ValueError, match="`rescale_to_unit_norm` divides by the clip norm"):
+        clipped_grad(loss_fn, l2_clip_norm=float("inf"), rescale_to_unit_norm=True)
     with pytest.raises(ValueError, match="`method` must be one of"):
         clipped_grad(loss_fn, l2_clip_norm=1.0, method="fast")
     with pytest.raises(ValueError, match='Group-wise `l2_clip_norm` needs method="book-keeping"'):

@@ -85,11 +85,12 @@ class ClipReport(NamedTuple):
     aux: Any
 
 
-def _check_norm(value, name: str) -> float:
+def _check_norm(value, name: str, allow_inf: bool = False) -> float:
+    kind = "a positive number or inf" if allow_inf else "a positive finite number"
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"`{name}` must be a positive finite number, got {value!r}.")
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"`{name}` must be a positive finite number, got {value!r}.")
+        raise TypeError(f"`{name}` must be {kind}, got {value!r}.")
+    if not (value > 0 and (allow_inf or math.isfinite(value))):  # NaN fails `value > 0`
+        raise ValueError(f"`{name}` must be {kind}, got {value!r}.")
     return float(value)
 
 
@@ -104,9 +105,11 @@ def _check_thresholds(l2_clip_norm):
                 raise TypeError(
                     f"`l2_clip_norm` keys must be parameter path prefixes (str), got {prefix!r}."
                 )
-            out.append((prefix.strip("/"), _check_norm(c, f"l2_clip_norm[{prefix!r}]")))
+            out.append(
+                (prefix.strip("/"), _check_norm(c, f"l2_clip_norm[{prefix!r}]", allow_inf=True))
+            )
         return tuple(sorted(out))
-    return _check_norm(l2_clip_norm, "l2_clip_norm")
+    return _check_norm(l2_clip_norm, "l2_clip_norm", allow_inf=True)
 
 
 def _group_of(path: str, prefixes) -> str | None:
@@ -277,7 +280,9 @@ def clipped_grad(
       l2_clip_norm: ``C > 0``; or ``{path prefix: C_G}`` for group-wise clipping, each leaf
         in the group of its longest matching prefix (``"layers/0"`` holds
         ``"layers/0/kernel"``; ``""`` holds every leaf not named otherwise). Group-wise
-        clipping needs ``method="book-keeping"``.
+        clipping needs ``method="book-keeping"``. ``inf`` clips nothing (as jax-privacy:
+        a non-private baseline through the same function, padding and NaN handling
+        included; the sensitivity is then ``inf``).
       method: ``"book-keeping"`` (one pass; default) or ``"ghost"`` (two passes, less
         memory held at once).
       normalize_by: ``n > 0``: the sum is divided by it (the expected batch size ``qN`` for
@@ -325,6 +330,11 @@ def clipped_grad(
         bound = math.sqrt(sum(c * c for _, c in thresholds))
     else:
         bound = thresholds
+    if rescale_to_unit_norm and math.isinf(bound):
+        raise ValueError(
+            "`rescale_to_unit_norm` divides by the clip norm, which is infinite here: every "
+            "gradient would be zero. Give a finite `l2_clip_norm`, or rescale_to_unit_norm=False."
+        )
     divisor = normalize_by * bound if rescale_to_unit_norm else normalize_by
     if not isinstance(has_aux, bool):
         raise TypeError(f"`has_aux` must be a bool, got {has_aux!r}.")
