@@ -28,7 +28,7 @@ case "${1:-}" in
     python3.11 -m venv .venv
     . .venv/bin/activate
     pip install -U pip
-    pip install -e . "jax[cuda12]==$JAX_VERSION"
+    pip install -e ".[experiments]" "jax[cuda12]==$JAX_VERSION"
     python -c "import jax; print(jax.devices())"
     ;;
   train)

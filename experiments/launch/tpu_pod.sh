@@ -53,7 +53,7 @@ case "${1:-}" in
     on_all_workers "set -e; sudo apt-get install -y -q python3.11 python3.11-venv; \
       rm -rf ~/jaxeff && mkdir ~/jaxeff && tar xzf ~/jaxeff.tgz -C ~/jaxeff && cd ~/jaxeff && \
       python3.11 -m venv .venv && . .venv/bin/activate && pip install -q -U pip && \
-      pip install -q -e . 'jax[tpu]==$JAX_VERSION' && \
+      pip install -q -e '.[experiments]' 'jax[tpu]==$JAX_VERSION' && \
       python -c 'import jax; print(jax.process_index(), jax.local_device_count())'"
     ;;
   train)

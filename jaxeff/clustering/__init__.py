@@ -27,6 +27,9 @@ estimate with lower variance.
   :func:`importance_estimator`, :func:`cluster_examples`.
 """
 
+import importlib
+from typing import TYPE_CHECKING
+
 from jaxeff.clustering.batch_mode import batch_update, clustering_pass, init_clusters
 from jaxeff.clustering.centres import (
     AssignmentCounts,
@@ -46,7 +49,6 @@ from jaxeff.clustering.estimators import (
     importance_estimator,
 )
 from jaxeff.clustering.online import online_update
-from jaxeff.clustering.samplers import ImportanceSampler, StratifiedSampler, weighted_batches
 from jaxeff.clustering.sampling import (
     ALLOCATIONS,
     importance_probabilities,
@@ -65,6 +67,9 @@ from jaxeff.clustering.sums import (
     split_small_clusters,
 )
 from jaxeff.clustering.transform import GradientClusteringState, gradient_clustering
+
+if TYPE_CHECKING:
+    from jaxeff.clustering.samplers import ImportanceSampler, StratifiedSampler, weighted_batches
 
 __all__ = [
     "AssignmentCounts",
@@ -103,3 +108,15 @@ __all__ = [
     "weighted_batches",
     "zero_directions",
 ]
+
+
+_SAMPLERS = ("ImportanceSampler", "StratifiedSampler", "weighted_batches")
+
+
+def __getattr__(name: str):
+    """The grain samplers, imported on first use (grain is the ``[data]`` extra)."""
+    if name in _SAMPLERS:
+        module = importlib.import_module("jaxeff.clustering.samplers")
+        globals().update({n: getattr(module, n) for n in _SAMPLERS})
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

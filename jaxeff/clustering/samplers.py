@@ -55,9 +55,9 @@ import threading
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-import grain
 import numpy as np
 
+from jaxeff._extras import require
 from jaxeff.clustering.sampling import (
     ALLOCATIONS,
     _allocate,
@@ -65,6 +65,8 @@ from jaxeff.clustering.sampling import (
     _stratum_weight,
 )
 from jaxeff.gvar import Sample
+
+grain = require("grain", extra="data", feature="jaxeff.clustering's grain samplers")
 
 __all__ = ["ImportanceSampler", "StratifiedSampler", "weighted_batches"]
 

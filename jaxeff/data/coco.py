@@ -25,11 +25,13 @@ from __future__ import annotations
 
 import os
 
-import grain
-import tensorflow_datasets as tfds
 from etils import epath
 
+from jaxeff._extras import require
 from jaxeff.retrieval import CAPTIONS_PER_IMAGE
+
+grain = require("grain", extra="data", feature="jaxeff.data")
+tfds = require("tensorflow_datasets", extra="data", feature="jaxeff.data")
 
 __all__ = ["COCO_SPLITS", "coco_captions_source"]
 

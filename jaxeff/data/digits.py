@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from jaxeff._extras import require
+
 __all__ = ["DIGITS_CLASSES", "DIGITS_SHAPE", "load_digits"]
 
 #: Number of classes and image shape of the digits data.
@@ -32,11 +34,10 @@ def load_digits(*, test_fraction: float = 0.2, seed: int = 0) -> dict[str, dict[
     Returns:
       ``{"train": {"image", "label"}, "test": {"image", "label"}}``.
     """
-    from sklearn.datasets import load_digits as sklearn_digits
-
+    datasets = require("sklearn.datasets", extra="experiments", feature="jaxeff.data.load_digits")
     if not 0.0 <= test_fraction < 1.0:
         raise ValueError(f"`test_fraction` must lie in [0, 1), got {test_fraction!r}.")
-    bunch = sklearn_digits()
+    bunch = datasets.load_digits()
     images = (np.asarray(bunch.images, np.float32) / 16.0)[..., None]
     labels = np.asarray(bunch.target, np.int32)
     order = np.random.default_rng(seed).permutation(len(labels))

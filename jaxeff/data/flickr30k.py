@@ -26,11 +26,13 @@ import json
 import os
 
 import numpy as np
-import tensorflow_datasets as tfds
 from etils import epath
 
+from jaxeff._extras import require
 from jaxeff.data import _fingerprint
 from jaxeff.retrieval import CAPTIONS_PER_IMAGE
+
+tfds = require("tensorflow_datasets", extra="data", feature="jaxeff.data")
 
 __all__ = ["Flickr30k", "Flickr30kConfig", "build_flickr30k", "load_karpathy_json"]
 

@@ -24,7 +24,10 @@ from __future__ import annotations
 import os
 
 import numpy as np
-import tensorflow_datasets as tfds
+
+from jaxeff._extras import require
+
+tfds = require("tensorflow_datasets", extra="data", feature="jaxeff.data")
 
 __all__ = ["IMAGE_DATASETS", "load_image_classification", "num_classes"]
 

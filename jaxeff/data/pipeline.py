@@ -28,12 +28,14 @@ import operator
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import grain
 import numpy as np
-from PIL import Image
 
+from jaxeff._extras import require
 from jaxeff.data.vocab import Vocabulary
 from jaxeff.retrieval import CAPTIONS_PER_IMAGE
+
+grain = require("grain", extra="data", feature="jaxeff.data")
+Image = require("PIL.Image", extra="data", feature="jaxeff.data")
 
 __all__ = [
     "batches_per_epoch",

@@ -26,10 +26,12 @@ import dataclasses
 import os
 
 import numpy as np
-import tensorflow_datasets as tfds
 
+from jaxeff._extras import require
 from jaxeff.data import shapes as shapes_lib
 from jaxeff.retrieval import CAPTIONS_PER_IMAGE
+
+tfds = require("tensorflow_datasets", extra="data", feature="jaxeff.data")
 
 SPLITS = ("train", "dev", "test")
 

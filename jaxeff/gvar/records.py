@@ -22,6 +22,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from jaxeff._extras import require
 from jaxeff.gvar.measure import STATISTICS, VarianceStats
 
 __all__ = ["append_records", "plot_records", "read_records", "stats_record"]
@@ -105,8 +106,10 @@ def plot_records(
       quantities: the statistics to draw, one panel each.
       title: optional figure title.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    agg = require(
+        "matplotlib.backends.backend_agg", extra="plots", feature="jaxeff.gvar.plot_records"
+    )
+    figure = require("matplotlib.figure", extra="plots", feature="jaxeff.gvar.plot_records")
 
     if not records:
         raise ValueError("`records` is empty; there is nothing to plot.")
@@ -114,8 +117,8 @@ def plot_records(
     if unknown:
         raise ValueError(f"`quantities` {unknown} are not statistics; choose from {STATISTICS}.")
     names = list(dict.fromkeys(r["estimator"] for r in records))
-    fig = Figure(figsize=(4.2 * len(quantities), 3.4))
-    FigureCanvasAgg(fig)
+    fig = figure.Figure(figsize=(4.2 * len(quantities), 3.4))
+    agg.FigureCanvasAgg(fig)
     axes = fig.subplots(1, len(quantities), squeeze=False)[0]
     for ax, quantity in zip(axes, quantities, strict=True):
         for name in names:

@@ -14,12 +14,9 @@ from __future__ import annotations
 import math
 import numbers
 
-try:
-    import dp_accounting
-except ImportError as err:  # pragma: no cover - depends on the installed extras
-    raise ImportError(
-        'jaxeff.privacy needs jax-privacy and dp-accounting: pip install "jaxeff[privacy]".'
-    ) from err
+from jaxeff._extras import require
+
+dp_accounting = require("dp_accounting", extra="privacy", feature="jaxeff.privacy")
 
 __all__ = ["ACCOUNTANTS", "dpsgd_event", "dpsgd_epsilon"]
 

@@ -47,19 +47,21 @@ import functools
 import math
 import numbers
 from collections.abc import Callable, Mapping
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
+from jaxeff._extras import require
 from jaxeff.pergrad import engine
 
-try:
+if TYPE_CHECKING:
     from jax_privacy.clipping import BoundedSensitivityCallable
-except ImportError as err:  # pragma: no cover - depends on the installed extras
-    raise ImportError(
-        'jaxeff.privacy needs jax-privacy and dp-accounting: pip install "jaxeff[privacy]".'
-    ) from err
+else:
+    _jax_privacy_clipping = require(
+        "jax_privacy.clipping", extra="privacy", feature="jaxeff.privacy"
+    )
+    BoundedSensitivityCallable = _jax_privacy_clipping.BoundedSensitivityCallable
 
 __all__ = ["METHODS", "ClipReport", "clipped_grad"]
 

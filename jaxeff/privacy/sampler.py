@@ -46,16 +46,18 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-import grain
 import numpy as np
 from scipy import stats
 
+from jaxeff._extras import require
 from jaxeff.clustering.samplers import (
     _BatchStream,
     _check_positive_int,
     _state_array,
 )
 from jaxeff.gvar import Sample
+
+grain = require("grain", extra="privacy", feature="jaxeff.privacy.PoissonSampler")
 
 __all__ = ["PoissonSampler", "padded_batch_size"]
 

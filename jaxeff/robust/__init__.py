@@ -15,6 +15,9 @@ Faghri, Gowal, Vasconcelos, Fleet, Pedregosa, Le Roux, "Bridging the Gap Between
 Adversarial Robustness and Optimization Bias", https://arxiv.org/abs/2102.08868.
 """
 
+import importlib
+from typing import TYPE_CHECKING
+
 from jaxeff.robust.attacks import ATTACK_LOSSES, AttackResult, pgd_attack
 from jaxeff.robust.fourier import dft, idft
 from jaxeff.robust.linear import (
@@ -25,7 +28,6 @@ from jaxeff.robust.linear import (
     robust_margin,
     worst_case_perturbation,
 )
-from jaxeff.robust.max_margin import MaxMarginSolution, max_margin
 from jaxeff.robust.norms import (
     FOURIER_NORMS,
     dual_exponent,
@@ -36,6 +38,9 @@ from jaxeff.robust.norms import (
 from jaxeff.robust.projections import project
 from jaxeff.robust.regularization import regularization_path
 from jaxeff.robust.steepest_descent import scale_by_steepest_descent, steepest_descent
+
+if TYPE_CHECKING:
+    from jaxeff.robust.max_margin import MaxMarginSolution, max_margin
 
 __all__ = [
     "ATTACK_LOSSES",
@@ -61,3 +66,13 @@ __all__ = [
     "steepest_descent",
     "worst_case_perturbation",
 ]
+
+
+def __getattr__(name: str):
+    """The cvxpy-backed names, imported on first use (cvxpy is the ``[robust]`` extra)."""
+    if name in ("MaxMarginSolution", "max_margin"):
+        module = importlib.import_module("jaxeff.robust.max_margin")
+        # Importing the submodule bound its name here; the function takes it back.
+        globals().update(MaxMarginSolution=module.MaxMarginSolution, max_margin=module.max_margin)
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

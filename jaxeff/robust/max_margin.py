@@ -19,11 +19,13 @@ import math
 import warnings
 from typing import NamedTuple
 
-import cvxpy as cp
 import numpy as np
 
+from jaxeff._extras import require
 from jaxeff.robust.fourier import fourier_axes
 from jaxeff.robust.norms import _FOURIER_EXPONENT, check_norm
+
+cp = require("cvxpy", extra="robust", feature="jaxeff.robust.max_margin")
 
 __all__ = ["MaxMarginSolution", "max_margin"]
 

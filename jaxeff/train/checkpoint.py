@@ -33,9 +33,12 @@ from typing import Any
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 from etils import epath
-from orbax.checkpoint.checkpoint_managers import preservation_policy as policies
+
+from jaxeff._extras import require
+
+ocp = require("orbax.checkpoint", extra="train", feature="jaxeff.train")
+policies = ocp.checkpoint_managers.preservation_policy
 
 __all__ = ["CheckpointWriteError", "Checkpointer", "abstract_like", "finish_saves_on_error"]
 

@@ -17,7 +17,10 @@ import os
 from collections.abc import Iterable, Mapping
 
 import jax
-import ml_collections
+
+from jaxeff._extras import require
+
+ml_collections = require("ml_collections", extra="train", feature="jaxeff.train")
 
 __all__ = ["bind_config_to_workdir", "check_numbers", "config_differences", "config_to_json"]
 

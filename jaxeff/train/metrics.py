@@ -27,7 +27,10 @@ from typing import Any
 
 import jax
 import numpy as np
-import tqdm
+
+from jaxeff._extras import require
+
+tqdm = require("tqdm", extra="train", feature="jaxeff.train")
 
 __all__ = [
     "MetricWriter",
@@ -95,9 +98,10 @@ class MetricWriter:
         os.makedirs(self.workdir, exist_ok=True)
         self._file = open(self.path, "a", encoding="utf-8")
         if tensorboard:
-            from tensorboardX import SummaryWriter
-
-            self._tb = SummaryWriter(logdir=os.path.join(self.workdir, "tensorboard"))
+            tensorboard_x = require(
+                "tensorboardX", extra="train", feature="MetricWriter(tensorboard=True)"
+            )
+            self._tb = tensorboard_x.SummaryWriter(logdir=os.path.join(self.workdir, "tensorboard"))
 
     def write(self, step: int, metrics: Mapping[str, Any]) -> None:
         """Writes one record ``{"step", "time", **metrics}``.

@@ -1,0 +1,127 @@
+"""The core install works alone: run in a virtual environment holding only the jaxeff wheel.
+
+``pip install jaxeff`` (no extras) must bring jax, flax, optax, chex and numpy only; the
+core subpackages must import and compute; every feature that needs an extra must say
+which one, in an ``ImportError`` that is not a bare ``ModuleNotFoundError``.
+
+    python .ci/smoke_core.py
+"""
+
+import importlib
+import importlib.metadata
+import importlib.resources
+import importlib.util
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+CORE = {"jax", "flax", "optax", "chex", "numpy"}
+CORE_MODULES = (
+    "jaxeff.losses",
+    "jaxeff.retrieval",
+    "jaxeff.pergrad",
+    "jaxeff.gvar",
+    "jaxeff.models",
+    "jaxeff.robust",
+    "jaxeff.clustering",
+)
+# (code that reaches the feature, the extra it must name, a package the core lacks)
+NEEDS_EXTRA = (
+    ("import jaxeff.data", "data", "tensorflow_datasets"),
+    ("from jaxeff.clustering import StratifiedSampler", "data", "grain"),
+    ("from jaxeff.robust import max_margin", "robust", "cvxpy"),
+    ("import jaxeff.train", "train", "ml_collections"),
+    ("import jaxeff.gvar; jaxeff.gvar.plot_records([], ['sgd'])", "plots", "matplotlib"),
+    ("import jaxeff.privacy", "privacy", "dp_accounting"),
+)
+
+
+def check_requirements():
+    required = importlib.metadata.requires("jaxeff") or []
+    unconditional = {
+        re.split(r"[\s<>=!~;\[]", r, maxsplit=1)[0].lower() for r in required if "extra ==" not in r
+    }
+    assert unconditional == CORE, f"the core requires {sorted(unconditional)}, not {CORE}"
+    typed = importlib.resources.files("jaxeff").joinpath("py.typed")
+    assert typed.is_file(), "the wheel lacks jaxeff/py.typed"
+
+
+def check_losses():
+    from jaxeff import losses
+
+    # Equal scores: every hinge costs exactly the margin (B - 1 negatives, two directions).
+    b, margin = 6, 0.2
+    scores = jnp.zeros((b, b))
+    sh = losses.hinge_loss(scores, margin=margin)
+    mh = losses.hinge_loss(scores, margin=margin, max_violation=True)
+    np.testing.assert_allclose(sh, 2 * b * (b - 1) * margin, rtol=1e-6)
+    np.testing.assert_allclose(mh, 2 * b * margin, rtol=1e-6)
+
+
+def check_per_example_stats():
+    from jaxeff import pergrad
+
+    k1, k2, k3, k4 = jax.random.split(jax.random.key(0), 4)
+    params = {
+        "w1": jax.random.normal(k1, (5, 7)),
+        "b1": jnp.zeros(7),
+        "w2": jax.random.normal(k2, (7, 3)),
+    }
+    batch = {"x": jax.random.normal(k3, (4, 5)), "y": jax.random.normal(k4, (4, 3))}
+
+    def loss_fn(p, b):
+        h = jnp.tanh(b["x"] @ p["w1"] + p["b1"])
+        return jnp.sum((h @ p["w2"] - b["y"]) ** 2, axis=-1)
+
+    stats = pergrad.per_example_stats(loss_fn, params, batch)
+    ours = sum(jax.tree.leaves(stats.sq_norms))
+    grad = jax.grad(lambda p, ex: loss_fn(p, ex)[0])
+    brute = []
+    for i in range(4):  # one grad per example
+        g = grad(params, jax.tree.map(lambda a, i=i: a[i : i + 1], batch))
+        brute.append(sum(float(jnp.sum(x**2)) for x in jax.tree.leaves(g)))
+    np.testing.assert_allclose(ours, brute, rtol=1e-4)
+
+
+def check_steepest_descent():
+    import optax
+
+    from jaxeff import robust
+
+    # Coordinate descent (norm 1): the step moves the largest |g_j| coordinate only,
+    # by -η ||g||_∞ sign(g_j).
+    w = {"w": jnp.zeros(3)}
+    g = {"w": jnp.array([0.5, -2.0, 1.0])}
+    tx = robust.steepest_descent(0.1, norm=1)
+    updates, _ = tx.update(g, tx.init(w), w)
+    np.testing.assert_allclose(optax.apply_updates(w, updates)["w"], [0.0, 0.2, 0.0], atol=1e-7)
+
+
+def check_missing_extras():
+    for code, extra, package in NEEDS_EXTRA:
+        assert importlib.util.find_spec(package) is None, f"the core environment holds {package}"
+        try:
+            exec(code, {})
+        except ModuleNotFoundError as err:
+            raise AssertionError(f"{code!r} raised a bare ModuleNotFoundError: {err}") from err
+        except ImportError as err:
+            assert f'pip install "jaxeff[{extra}]"' in str(err), (code, str(err))
+        else:
+            raise AssertionError(f"{code!r} ran without {package}")
+
+
+def main():
+    check_requirements()
+    for name in CORE_MODULES:
+        importlib.import_module(name)
+    check_losses()
+    check_per_example_stats()
+    check_steepest_descent()
+    check_missing_extras()
+    print(f"core smoke test passed (jax {jax.__version__}, {len(CORE_MODULES)} core packages)")
+
+
+if __name__ == "__main__":
+    main()
