@@ -5,13 +5,22 @@ of all others fails ``import name`` (and ``import name.sub``) as Python does whe
 package is not installed.
 """
 
+import importlib.util
 import os
+import pathlib
 import subprocess
 import sys
 
 import pytest
 
 from jaxeff._extras import require
+
+# The smoke test CI runs in an environment holding the wheel alone: its checks run here too.
+_SMOKE = pathlib.Path(__file__).parent.parent / ".ci" / "smoke_core.py"
+_spec = importlib.util.spec_from_file_location("smoke_core", _SMOKE)
+smoke = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(smoke)
+CORE_MODULES = smoke.CORE_MODULES
 
 # (code that reaches the feature, the extra it must name, the package to block)
 CASES = [
@@ -33,15 +42,6 @@ CASES = [
     ("import jaxeff.privacy", "privacy", "dp_accounting"),
     ("import jaxeff.privacy", "privacy", "jax_privacy"),
     ("from jaxeff.data import load_digits; load_digits()", "experiments", "sklearn"),
-]
-CORE_MODULES = [
-    "jaxeff.losses",
-    "jaxeff.retrieval",
-    "jaxeff.pergrad",
-    "jaxeff.gvar",
-    "jaxeff.models",
-    "jaxeff.robust",
-    "jaxeff.clustering",
 ]
 EXTRA_PACKAGES = [
     "tensorflow_datasets",
@@ -135,3 +135,16 @@ def test_require_translates_only_the_missing_package(tmp_path, monkeypatch):
     with pytest.raises(ImportError, match='f needs absentpkg_xyz, .*"jaxeff\\[robust\\]"'):
         require("absentpkg_xyz.sub", extra="robust", feature="f")
     assert require("json", extra="data", feature="f").dumps([1]) == "[1]"
+
+
+@pytest.mark.parametrize(
+    "check",
+    [
+        smoke.check_requirements,
+        smoke.check_losses,
+        smoke.check_per_example_stats,
+        smoke.check_steepest_descent,
+    ],
+)
+def test_core_smoke_checks(check):
+    check()

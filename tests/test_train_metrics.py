@@ -116,3 +116,41 @@ def test_progress_bar_starts_at_resumed_step():
     bar.close()
     with pytest.raises(ValueError, match="total"):
         progress_bar(-1)
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_bar_prints_whole_lines_where_output_is_not_a_terminal():
+    out = io.StringIO()
+    with progress_bar(5000, desc="train", disable=False, file=out) as bar:
+        for step in range(5000):
+            bar.set_postfix(loss=f"{1 / (step + 1):.4f}", refresh=False)
+            bar.update()
+        bar.write("a status line", file=out)
+    text = out.getvalue()
+    assert "\r" not in text and "\x1b" not in text
+    lines = text.splitlines()
+    # The loop outlasts no 30 s interval: the opening line, the status line, the final one.
+    assert len(lines) == 3, lines
+    assert lines[0].startswith("train:   0%") and "0/5000" in lines[0]
+    assert lines[1] == "a status line"
+    assert "5000/5000" in lines[-1] and "loss=0.0002" in lines[-1] and text.endswith("\n")
+
+    out = io.StringIO()
+    with progress_bar(50, disable=False, file=out, mininterval=0, miniters=10) as bar:
+        for _ in range(50):
+            bar.update()
+    lines = out.getvalue().splitlines()
+    assert [line.split("|")[-1].split()[0] for line in lines] == [
+        f"{n}/50" for n in range(0, 51, 10)
+    ]
+
+
+def test_progress_bar_on_a_terminal_is_tqdms_own():
+    out = _Terminal()
+    with progress_bar(100, disable=False, file=out, mininterval=0) as bar:
+        bar.update(100)
+    assert "\r" in out.getvalue()

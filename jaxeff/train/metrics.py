@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -188,14 +189,44 @@ def read_metrics(path) -> list[dict[str, Any]]:
     return records
 
 
-def progress_bar(total: int, *, initial: int = 0, desc: str | None = None, **kwargs):
+class _LineBar(tqdm.tqdm):
+    """A tqdm bar that prints whole lines instead of redrawing one (for logs and files).
+
+    Each refresh appends the bar as a new line; no carriage returns, no clearing.
+    """
+
+    def display(self, msg=None, pos=None):
+        line = self.__str__() if msg is None else msg
+        if not line:
+            return False  # nothing to clear: printed lines stay
+        if msg is not None or self.n != getattr(self, "_printed_n", None):  # no repeats
+            self.fp.write(line + "\n")
+            self.fp.flush()
+            self._printed_n = self.n
+        return True
+
+    def clear(self, nolock=False):
+        pass
+
+    def close(self):
+        if not self.disable and self.leave is not False:
+            self.display()  # the final line, then tqdm's close with nothing left to clear
+        self.leave = False
+        super().close()
+
+
+def progress_bar(total: int, *, initial: int = 0, desc: str | None = None, **kwargs) -> Any:
     """A ``tqdm`` bar over steps ``initial .. total``, disabled on processes other than 0.
+
+    On a terminal it is tqdm's bar. Where its output is not a terminal (a CI log, a
+    ``nohup`` or redirected file) it prints one whole line every ``mininterval`` seconds
+    (30 by default) instead of thousands of carriage-return updates.
 
     Args:
       total: the last step (number of training steps).
       initial: the step training starts (or resumes) from.
       desc: label shown before the bar.
-      **kwargs: passed to ``tqdm.tqdm`` (e.g. ``mininterval``).
+      **kwargs: passed to ``tqdm.tqdm`` (e.g. ``mininterval``, ``file``).
 
     Returns:
       A ``tqdm.tqdm``; call ``bar.update()`` each step and ``bar.set_postfix(loss=...)``
@@ -204,8 +235,13 @@ def progress_bar(total: int, *, initial: int = 0, desc: str | None = None, **kwa
     if not math.isfinite(total) or total < 0:
         raise ValueError(f"`total` must be a non-negative number of steps, got {total!r}.")
     kwargs.setdefault("disable", jax.process_index() != 0)
-    kwargs.setdefault("dynamic_ncols", True)
-    return tqdm.tqdm(total=total, initial=initial, desc=desc, **kwargs)
+    file = kwargs.get("file") or sys.stderr
+    if getattr(file, "isatty", lambda: False)():
+        kwargs.setdefault("dynamic_ncols", True)
+        return tqdm.tqdm(total=total, initial=initial, desc=desc, **kwargs)
+    kwargs.setdefault("mininterval", 30.0)
+    kwargs.setdefault("file", file)
+    return _LineBar(total=total, initial=initial, desc=desc, **kwargs)
 
 
 def mean_metrics(metrics: list[Mapping[str, Any]]) -> dict[str, float]:
