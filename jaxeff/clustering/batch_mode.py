@@ -33,6 +33,7 @@ from jaxeff.clustering.centres import (
 from jaxeff.clustering.sums import (
     ClusterSums,
     add_sums,
+    check_min_fraction,
     cluster_sums,
     empty_sums,
     split_small_clusters,
@@ -40,11 +41,6 @@ from jaxeff.clustering.sums import (
 from jaxeff.pergrad import per_example_stats
 
 __all__ = ["batch_update", "clustering_pass", "init_clusters"]
-
-
-def _check_fraction(min_fraction) -> None:
-    if not 0.0 <= min_fraction < 1.0:
-        raise ValueError(f"`min_fraction` must lie in [0, 1), got {min_fraction!r}.")
 
 
 def batch_update(state: ClusterState, sums: ClusterSums, *, min_fraction: float) -> ClusterState:
@@ -65,7 +61,7 @@ def batch_update(state: ClusterState, sums: ClusterSums, *, min_fraction: float)
     Returns:
       The new :class:`ClusterState`, ``count`` incremented.
     """
-    _check_fraction(min_fraction)
+    check_min_fraction(min_fraction)
     has = sums.counts > 0
     safe = jnp.where(has, sums.counts, 1.0)
 
@@ -185,7 +181,7 @@ def clustering_pass(
       every example of the pass (masked rows left out), in the order of ``batches``, as
       assigned with ``state``: the clusters the new centres average.
     """
-    _check_fraction(min_fraction)
+    check_min_fraction(min_fraction, static=True)  # a static argument of the update
     total, parts = empty_sums(state), []
     k = state.sizes.shape[0]
     so_far = AssignmentCounts(jnp.zeros((k,), jnp.float32), jnp.zeros((), jnp.float32))

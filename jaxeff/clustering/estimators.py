@@ -29,7 +29,14 @@ import numpy as np
 from jaxeff import gvar
 from jaxeff.clustering.batch_mode import _on_host, clustering_pass, init_clusters
 from jaxeff.clustering.centres import ClusterState
-from jaxeff.clustering.sampling import importance_sample, stratified_sample
+from jaxeff.clustering.sampling import (
+    _check_allocation,
+    _check_positive_int,
+    _check_smoothing,
+    importance_sample,
+    stratified_sample,
+)
+from jaxeff.clustering.sums import check_min_fraction
 from jaxeff.pergrad import per_example_stats
 from jaxeff.pergrad.chunks import take_rows
 
@@ -59,6 +66,14 @@ def _chunks(data, chunk_size: int):
         rows = np.arange(start, start + chunk_size) % size  # pad with the first rows
         chunk = jax.tree.map(lambda x, rows=rows: take_rows(x, rows), data)
         yield {"batch": chunk, "mask": np.arange(start, start + chunk_size) < stop}
+
+
+def _check_pass_options(num_passes, min_fraction, chunk_size) -> None:
+    """The checks of :func:`cluster_examples`'s options, naming the argument."""
+    if isinstance(num_passes, bool) or not isinstance(num_passes, int) or num_passes < 0:
+        raise ValueError(f"`num_passes` must be a non-negative integer, got {num_passes!r}.")
+    check_min_fraction(min_fraction, static=True)
+    _check_positive_int(chunk_size, "chunk_size")
 
 
 @functools.lru_cache(maxsize=64)
@@ -95,7 +110,7 @@ def cluster_examples(
       num_clusters: ``K``.
       key: PRNG key for the seeds (unused with ``state``).
       num_passes: assign/update passes (Lloyd iterations).
-      min_fraction: see :func:`jaxeff.clustering.clustering_pass`.
+      min_fraction: ``[0, 1)``, see :func:`jaxeff.clustering.clustering_pass`.
       chunk_size: examples per pass step (the last chunk is padded and masked).
       leaves: the parameter paths to cluster on (``None``: every leaf that can be, see
         :func:`jaxeff.clustering.cluster_leaves`).
@@ -105,8 +120,7 @@ def cluster_examples(
       ``(state, assignments)``: the clustering after the passes and the ``(N,)`` host
       assignments under it, the clusters a stratified sampler should draw from.
     """
-    if isinstance(num_passes, bool) or not isinstance(num_passes, int) or num_passes < 0:
-        raise ValueError(f"`num_passes` must be a non-negative integer, got {num_passes!r}.")
+    _check_pass_options(num_passes, min_fraction, chunk_size)
     size = gvar.num_examples(data)
     chunk = min(chunk_size, size)
     loss = _unwrap(loss_fn)
@@ -162,6 +176,11 @@ def gc_estimator(
     Returns:
       A :class:`jaxeff.gvar.GradientEstimator`.
 
+    Raises:
+      ValueError, TypeError: naming the argument for a bad ``batch_size``,
+        ``num_clusters``, ``num_passes``, ``min_fraction``, ``allocation``, ``replace`` or
+        ``chunk_size``, when the estimator is made.
+
     Example::
 
       estimators = {"sgd": gvar.sgd_estimator(loss_fn, batch_size=32),
@@ -169,6 +188,12 @@ def gc_estimator(
       states = {name: est.init(params, data) for name, est in estimators.items()}
       stats = gvar.measure(estimators, states, params, data, key)
     """
+    _check_positive_int(batch_size, "batch_size")
+    _check_positive_int(num_clusters, "num_clusters")
+    _check_pass_options(num_passes, min_fraction, chunk_size)
+    _check_allocation(allocation)
+    if not isinstance(replace, bool):
+        raise TypeError(f"`replace` must be a bool, got {replace!r}.")
 
     def init(params, data):
         clusters, assignments = cluster_examples(
@@ -198,12 +223,17 @@ def gc_estimator(
     return gvar.sampling_estimator(loss_fn, sample_fn, init_fn=init)
 
 
+def _check_score_options(score, chunk_size) -> None:
+    if score not in ("grad_norm", "loss"):
+        raise ValueError(f"`score` must be 'grad_norm' or 'loss', got {score!r}.")
+    _check_positive_int(chunk_size, "chunk_size")
+
+
 def example_scores(
     loss_fn: ExampleLoss, params, data, *, score: str = "grad_norm", chunk_size=1024
 ) -> jax.Array:
     """``(N,)`` per-example scores: gradient norms ``||g_i||`` (fast path) or losses ``ℓ_i``."""
-    if score not in ("grad_norm", "loss"):
-        raise ValueError(f"`score` must be 'grad_norm' or 'loss', got {score!r}.")
+    _check_score_options(score, chunk_size)
     size = gvar.num_examples(data)
     parts = []
     for part in _chunks(data, min(chunk_size, size)):
@@ -244,9 +274,15 @@ def importance_estimator(
 
     Returns:
       A :class:`jaxeff.gvar.GradientEstimator` whose state is the ``(N,)`` scores.
+
+    Raises:
+      ValueError, TypeError: naming the argument for a bad ``batch_size``, ``score``,
+        ``smoothing`` (outside ``[0, 1]``, NaN, or traced: it is static) or
+        ``chunk_size``, when the estimator is made.
     """
-    if score not in ("grad_norm", "loss"):
-        raise ValueError(f"`score` must be 'grad_norm' or 'loss', got {score!r}.")
+    _check_positive_int(batch_size, "batch_size")
+    _check_score_options(score, chunk_size)
+    smoothing = _check_smoothing(smoothing)
 
     def init(params, data):
         return example_scores(loss_fn, params, data, score=score, chunk_size=chunk_size)

@@ -22,18 +22,26 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jaxeff._checks import check_number
 from jaxeff.clustering.centres import ClusterState, assign_members
-from jaxeff.clustering.sums import ClusterSums, member_sums, split_small_clusters
+from jaxeff.clustering.sums import (
+    ClusterSums,
+    check_min_fraction,
+    member_sums,
+    split_small_clusters,
+)
 
 __all__ = ["apply_sums", "check_online_options", "online_update"]
 
 
 def check_online_options(*, decay, min_fraction, reinit_every) -> None:
-    """The checks of :func:`online_update`'s options, naming the argument."""
-    if not 0.0 <= decay < 1.0:
-        raise ValueError(f"`decay` must lie in [0, 1), got {decay!r}.")
-    if not 0.0 <= min_fraction < 1.0:
-        raise ValueError(f"`min_fraction` must lie in [0, 1), got {min_fraction!r}.")
+    """The checks of :func:`online_update`'s options, naming the argument.
+
+    ``decay`` and ``min_fraction`` must lie in ``[0, 1)`` (traced values pass unchecked);
+    ``reinit_every`` is a Python int ``>= 0``.
+    """
+    check_number(decay, "decay", at_least=0, below=1)
+    check_min_fraction(min_fraction)
     if isinstance(reinit_every, bool) or not isinstance(reinit_every, int) or reinit_every < 0:
         raise ValueError(f"`reinit_every` must be a non-negative integer, got {reinit_every!r}.")
 

@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxeff._checks import check_number
 from jaxeff.gvar import Sample
 
 __all__ = [
@@ -74,11 +75,8 @@ def _check_allocation(allocation) -> None:
 
 
 def _check_smoothing(smoothing) -> float:
-    if isinstance(smoothing, bool) or not isinstance(smoothing, int | float | np.floating):
-        raise ValueError(f"`smoothing` must be a float in [0, 1], got {smoothing!r}.")
-    if not 0.0 <= float(smoothing) <= 1.0:
-        raise ValueError(f"`smoothing` must be a float in [0, 1], got {smoothing!r}.")
-    return float(smoothing)
+    """``smoothing`` as a Python float in ``[0, 1]`` (it is a static argument)."""
+    return float(check_number(smoothing, "smoothing", at_least=0, at_most=1, static=True))
 
 
 def _check_assignments(assignments, num_clusters: int, name: str = "assignments"):

@@ -25,12 +25,14 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from jaxeff._checks import check_number
 from jaxeff.clustering.centres import ClusterState, _factors, _members
 from jaxeff.pergrad.chunks import replicated_like
 
 __all__ = [
     "ClusterSums",
     "add_sums",
+    "check_min_fraction",
     "cluster_sums",
     "empty_sums",
     "member_sums",
@@ -133,6 +135,15 @@ def add_sums(a: ClusterSums, b: ClusterSums) -> ClusterSums:
         far_distance=jnp.maximum(a.far_distance, b.far_distance),
         far_factors=jax.tree.map(pick, a.far_factors, b.far_factors),
     )
+
+
+def check_min_fraction(min_fraction, *, static: bool = False):
+    """Refuses a ``min_fraction`` outside ``[0, 1)`` (NaN included), naming it.
+
+    ``static``: it will be a Python number (a static argument), so a traced one is refused
+    too; otherwise a traced one passes unchecked.
+    """
+    return check_number(min_fraction, "min_fraction", at_least=0, below=1, static=static)
 
 
 def split_small_clusters(

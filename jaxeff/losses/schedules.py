@@ -25,9 +25,13 @@ def hard_negative_schedule(warmup_steps: int, transition_steps: int = 0):
     Returns:
       An optax-style schedule: ``step -> weight`` (float32 scalar in ``[0, 1]``).
     """
-    if not isinstance(warmup_steps, int) or warmup_steps < 0:
+    if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
         raise ValueError(f"`warmup_steps` must be a non-negative int, got {warmup_steps!r}.")
-    if not isinstance(transition_steps, int) or transition_steps < 0:
+    if (
+        isinstance(transition_steps, bool)
+        or not isinstance(transition_steps, int)
+        or transition_steps < 0
+    ):
         raise ValueError(
             f"`transition_steps` must be a non-negative int, got {transition_steps!r}."
         )

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxeff._checks import check_number
 from jaxeff.robust.fourier import dft, idft
 from jaxeff.robust.norms import (
     _FOURIER_EXPONENT,
@@ -238,8 +239,10 @@ def steepest_descent(
     greedy steps stall below 0.85.
 
     Args:
-      learning_rate: a scalar or an optax schedule. With a line search, the initial guess
-        multiplies it.
+      learning_rate: a finite scalar ``>= 0`` (0, as in optax, takes no step; a negative
+        one would ascend) or an optax schedule. With a line search, the initial guess
+        multiplies it. A concrete value is checked; a traced one or a schedule's values
+        are not.
       norm: the norm of the step (see :func:`scale_by_steepest_descent`).
       normalize: unit steps ``d*(g)`` (no ``||g||_*`` factor).
       top_k: coordinate descent on the ``k`` largest coordinates (norm 1 or
@@ -255,8 +258,9 @@ def steepest_descent(
       An :class:`optax.GradientTransformationExtraArgs`.
 
     Raises:
-      ValueError: naming the argument for an invalid ``norm``, ``normalize``, ``top_k`` or
-        ``linesearch``.
+      ValueError: naming the argument for an invalid ``learning_rate`` (NaN, infinite or
+        negative), ``norm``, ``normalize``, ``top_k`` or ``linesearch``.
+      TypeError: for a ``learning_rate`` that is neither a real number nor a callable.
 
     Example:
       >>> import jax, jax.numpy as jnp, optax
@@ -282,6 +286,7 @@ def steepest_descent(
       Adversarial Robustness and Optimization Bias <https://arxiv.org/abs/2102.08868>`_,
       2021.
     """
+    check_number(learning_rate, "learning_rate", at_least=0, schedule=True)
     transforms = [
         scale_by_steepest_descent(norm, normalize=normalize, top_k=top_k),
         optax.scale_by_learning_rate(learning_rate),

@@ -24,6 +24,7 @@ from flax import nnx
 from jax.sharding import AxisType
 
 from jaxeff.pergrad import check_directions
+from jaxeff.pergrad.reference import check_chunk_size
 from jaxeff.pergrad.stats import value_grad_and_stats
 
 __all__ = [
@@ -342,6 +343,7 @@ def make_train_step(
             f"`directions_fn` must be callable (state -> directions), got "
             f"{type(directions_fn).__name__}."
         )
+    check_chunk_size(chunk_size)
 
     def per_example_loss_fn(hparams):
         """``loss_fn`` with ``hparams`` bound, for :func:`value_grad_and_stats`."""
