@@ -27,7 +27,6 @@ NOT_YET = {
     "clustering",
     "data",
     "gvar",
-    "losses",
     "models",
     "pergrad",
     "privacy",

@@ -23,11 +23,12 @@ from __future__ import annotations
 
 import math
 import numbers
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec
 
 from jaxeff._sharding import gather_explicit
 from jaxeff.losses.similarity import check_embedding_pair, similarity_matrix
@@ -40,7 +41,7 @@ NEGATIVES = ("global", "local")
 COLLAPSE_SPREAD = 1e-3
 
 
-def positives_from_ids(image_ids):
+def positives_from_ids(image_ids: jax.Array) -> jax.Array:
     """Positive-pair mask from the image id of each pair in a batch.
 
     Two captions of the same image in one batch are not each other's negatives:
@@ -116,7 +117,9 @@ def _hard_negative_weight(max_violation, top_k):
     return max_violation if w is None else w
 
 
-def hinge_costs(scores, *, margin: float = 0.2, positives=None):
+def hinge_costs(
+    scores: jax.Array, *, margin: float = 0.2, positives: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array]:
     """Hinge costs of every negative, both retrieval directions, query-major.
 
     Args:
@@ -143,12 +146,12 @@ def hinge_costs(scores, *, margin: float = 0.2, positives=None):
     return jnp.where(excluded, 0.0, cost_s), jnp.where(excluded.T, 0.0, cost_im)
 
 
-def sum_of_hinges(costs):
+def sum_of_hinges(costs: jax.Array) -> jax.Array:
     """SH: each query's total cost over all its negatives, ``Σ_j c[k, j]`` → ``(B,)``."""
     return jnp.sum(costs, axis=1)
 
 
-def max_of_hinges(costs, *, top_k: int = 1):
+def max_of_hinges(costs: jax.Array, *, top_k: int = 1) -> jax.Array:
     """MH: each query's cost on its ``top_k`` hardest negatives → ``(B,)``.
 
     ``top_k = 1`` is VSE++ (``max_j c[k, j]``); larger ``k`` sums the ``k`` largest costs.
@@ -165,17 +168,17 @@ def max_of_hinges(costs, *, top_k: int = 1):
 
 
 def hinge_loss(
-    scores,
+    scores: jax.Array,
     *,
     margin: float = 0.2,
-    max_violation=False,
+    max_violation: bool | float | jax.Array = False,
     top_k: int | None = None,
     reduction: str = "sum",
-    positives=None,
+    positives: jax.Array | None = None,
     negatives: str = "global",
-    mesh=None,
+    mesh: Mesh | AbstractMesh | None = None,
     axis_name: str | None = None,
-):
+) -> jax.Array:
     """Contrastive hinge loss (SH or MH) from an in-batch similarity matrix.
 
     .. math::
@@ -238,7 +241,7 @@ def hinge_loss(
         raise ValueError(f"`negatives` must be one of {NEGATIVES}, got {negatives!r}.")
     if negatives == "local":
         _check_scores(scores, positives)
-        kwargs = dict(margin=margin, max_violation=max_violation, top_k=top_k)
+        kwargs: dict[str, Any] = dict(margin=margin, max_violation=max_violation, top_k=top_k)
 
         def block_loss(rows, positive_rows, block):
             """Sum-reduced loss of this device's diagonal block of ``scores``."""
@@ -265,19 +268,19 @@ def hinge_loss(
 
 
 def vse_hinge_loss(
-    images,
-    captions,
+    images: jax.Array,
+    captions: jax.Array,
     *,
     margin: float = 0.2,
     measure: str = "cosine",
-    max_violation=False,
+    max_violation: bool | float | jax.Array = False,
     top_k: int | None = None,
     reduction: str = "sum",
-    positives=None,
+    positives: jax.Array | None = None,
     negatives: str = "global",
-    mesh=None,
+    mesh: Mesh | AbstractMesh | None = None,
     axis_name: str | None = None,
-):
+) -> jax.Array:
     """VSE0 / VSE++ contrastive loss of a batch of matched image-caption embeddings.
 
     Computes ``S = similarity_matrix(images, captions, measure=measure)`` and returns
@@ -322,7 +325,7 @@ def vse_hinge_loss(
       >>> loss = vse_hinge_loss(u, u[::-1], max_violation=True)
     """
     check_embedding_pair(images, captions)
-    kwargs = dict(margin=margin, max_violation=max_violation, top_k=top_k)
+    kwargs: dict[str, Any] = dict(margin=margin, max_violation=max_violation, top_k=top_k)
     if negatives not in NEGATIVES:
         raise ValueError(f"`negatives` must be one of {NEGATIVES}, got {negatives!r}.")
     if reduction not in REDUCTIONS:
@@ -412,7 +415,7 @@ def _sum_over_devices(per_device_loss, arrays, mesh, axis_name):
     )(*present)
 
 
-def similarity_spread(scores):
+def similarity_spread(scores: jax.Array) -> jax.Array:
     """Standard deviation of the similarity matrix, a collapse indicator.
 
     VSE++'s known failure mode (small batches, MH from scratch): all embeddings collapse
@@ -422,6 +425,6 @@ def similarity_spread(scores):
     return jnp.std(scores)
 
 
-def is_collapsed(scores, *, tol: float = COLLAPSE_SPREAD):
+def is_collapsed(scores: jax.Array, *, tol: float = COLLAPSE_SPREAD) -> jax.Array:
     """Whether the embeddings have collapsed: all similarities equal within ``tol``."""
     return similarity_spread(scores) < tol

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import chex
+import jax
 import jax.numpy as jnp
+import optax
 
 
-def hard_negative_schedule(warmup_steps: int, transition_steps: int = 0):
+def hard_negative_schedule(warmup_steps: int, transition_steps: int = 0) -> optax.Schedule:
     """Weight ``w(step)`` moving the loss from SH (``w=0``) to MH (``w=1``).
 
     MH trained from scratch can collapse (all embeddings equal, loss ``2·B·α``); training
@@ -36,7 +39,7 @@ def hard_negative_schedule(warmup_steps: int, transition_steps: int = 0):
             f"`transition_steps` must be a non-negative int, got {transition_steps!r}."
         )
 
-    def schedule(step):
+    def schedule(step: chex.Numeric) -> jax.Array:
         t = jnp.asarray(step, jnp.float32) - warmup_steps + 1
         return jnp.clip(t / (transition_steps + 1), 0.0, 1.0)
 

@@ -6,6 +6,7 @@ Both return the in-batch similarity matrix ``S[k, j] = s(u_k, v_j)`` between ima
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 from jaxeff._sharding import gather_explicit
@@ -52,7 +53,7 @@ def check_embedding_pair(
         )
 
 
-def cosine_similarity(images, captions):
+def cosine_similarity(images: jax.Array, captions: jax.Array) -> jax.Array:
     """Inner-product similarity ``S[k, j] = u_k · v_j``.
 
     This is the cosine similarity when the embeddings are L2-normalised, which the VSE
@@ -77,7 +78,7 @@ def _safe_norm(x, axis):
     return jnp.where(positive, jnp.sqrt(jnp.where(positive, sq, 1.0)), 0.0)
 
 
-def order_similarity(images, captions):
+def order_similarity(images: jax.Array, captions: jax.Array) -> jax.Array:
     """Order-embedding similarity ``S[k, j] = -|| max(0, v_j - u_k) ||_2``.
 
     From Vendrov et al., "Order-Embeddings of Images and Language" (ICLR 2016), as used by
@@ -98,7 +99,9 @@ def order_similarity(images, captions):
     return -_safe_norm(violation, axis=-1)
 
 
-def similarity_matrix(images, captions, *, measure: str = "cosine"):
+def similarity_matrix(
+    images: jax.Array, captions: jax.Array, *, measure: str = "cosine"
+) -> jax.Array:
     """Similarity matrix ``S[k, j]`` between image ``k`` and caption ``j``.
 
     Args:
