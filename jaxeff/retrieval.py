@@ -27,11 +27,13 @@ and the scores compared with it come from one computation and exact ties stay ex
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterable, Mapping
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import numpy.typing as npt
 
 from jaxeff._sharding import gather_explicit
 from jaxeff.losses.similarity import MEASURES, check_embedding_pair, order_similarity
@@ -82,18 +84,16 @@ class RetrievalResult(NamedTuple):
         return out
 
     @classmethod
-    def from_dict(cls, metrics: dict, prefix: str = "") -> RetrievalResult:
+    def from_dict(cls, metrics: Mapping[str, float], prefix: str = "") -> RetrievalResult:
         """Inverse of :meth:`as_dict` (extra keys, e.g. ``step``, are ignored)."""
-        return cls(
-            *(
-                RankMetrics(*(float(metrics[f"{prefix}{d}_{k}"]) for k in RankMetrics._fields))
-                for d in ("i2t", "t2i")
-            ),
-            float(metrics[f"{prefix}rsum"]),
+        i2t, t2i = (
+            RankMetrics(*(float(metrics[f"{prefix}{d}_{k}"]) for k in RankMetrics._fields))
+            for d in ("i2t", "t2i")
         )
+        return cls(i2t, t2i, float(metrics[f"{prefix}rsum"]))
 
 
-def rank_metrics(ranks) -> RankMetrics:
+def rank_metrics(ranks: npt.ArrayLike) -> RankMetrics:
     """R@1/5/10, ``medr`` and ``meanr`` of 0-based ranks."""
     ranks = np.asarray(ranks)
     recall = lambda k: 100.0 * float(np.mean(ranks < k))
@@ -224,13 +224,13 @@ def _ranks(images, captions, *, measure, captions_per_image, chunk_size):
 
 
 def retrieval_ranks(
-    image_emb,
-    caption_emb,
+    image_emb: jax.Array | np.ndarray,
+    caption_emb: jax.Array | np.ndarray,
     *,
     measure: str = "cosine",
     captions_per_image: int = CAPTIONS_PER_IMAGE,
     chunk_size: int | None = None,
-):
+) -> tuple[np.ndarray, np.ndarray]:
     """0-based ranks of every image query (image→text) and every caption query (text→image).
 
     Each query is scored against every item in chunks; its rank is the number of other
@@ -281,8 +281,8 @@ def retrieval_ranks(
 
 
 def evaluate(
-    image_emb,
-    caption_emb,
+    image_emb: jax.Array | np.ndarray,
+    caption_emb: jax.Array | np.ndarray,
     *,
     folds: int = 1,
     measure: str = "cosine",
@@ -342,7 +342,7 @@ def _result(i2t: RankMetrics, t2i: RankMetrics) -> RetrievalResult:
     return RetrievalResult(i2t, t2i, i2t.r1 + i2t.r5 + i2t.r10 + t2i.r1 + t2i.r5 + t2i.r10)
 
 
-def average(results) -> RetrievalResult:
+def average(results: Iterable[RetrievalResult]) -> RetrievalResult:
     """Mean of several results (folds, seeds), with ``rsum`` from the averaged recalls."""
     results = list(results)
     if not results:

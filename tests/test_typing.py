@@ -30,7 +30,6 @@ NOT_YET = {
     "models",
     "pergrad",
     "privacy",
-    "retrieval",
     "robust",
     "train",
 }
