@@ -1,4 +1,5 @@
-"""The Colab notebooks execute top to bottom (at small size) and report sane numbers."""
+"""The Colab notebooks execute top to bottom (at small size) and report sane numbers, and
+each is committed with the outputs of its full-size run (``notebooks/regenerate.py``)."""
 
 import json
 import math
@@ -13,6 +14,10 @@ from jaxeff.losses import COLLAPSE_SPREAD
 
 NOTEBOOKS = sorted(pathlib.Path(__file__).parent.parent.joinpath("notebooks").glob("*.ipynb"))
 KS = (1, 5, 10)
+
+
+def code_cells(nb):
+    return [cell for cell in nb.cells if cell.cell_type == "code"]
 
 
 def chance_recalls(num_images, captions_per_image=5):
@@ -362,9 +367,69 @@ def test_every_notebook_has_result_checks():
 def test_notebook_executes_and_reports_sane_numbers(path, tmp_path, monkeypatch):
     monkeypatch.setenv("JAXEFF_NOTEBOOK_SMALL", "1")
     monkeypatch.delenv("XLA_FLAGS", raising=False)  # one device, as in Colab
-    nb = nbformat.read(path, as_version=4)
-    # The notebook runs in tmp_path, where it writes its results file.
+    committed = path.read_bytes()
+    nb = nbformat.reads(committed.decode(), as_version=4)
+    for cell in code_cells(nb):  # a fresh run: nothing below reads the committed outputs
+        cell.outputs, cell.execution_count = [], None
+    # The notebook runs in tmp_path, where it writes its results file; the executed copy
+    # stays in memory.
     NotebookClient(
         nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
     ).execute()
     RESULT_CHECKS[path.name](tmp_path)
+    assert path.read_bytes() == committed, f"running {path.name} changed the committed file"
+
+
+# Every notebook installs jaxeff in Colab with the extra that holds all the experiments
+# need, and only where it is missing (never over a local install).
+INSTALL = '%pip install -q "jaxeff[experiments] @ git+https://github.com/jaxeff/jaxeff"'
+SIZE_LIMIT_BYTES = 1_500_000
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_install_cell_installs_the_experiments_extra(path):
+    cells = code_cells(nbformat.read(path, as_version=4))
+    install = cells[0].source
+    assert all("%pip" not in cell.source for cell in cells[1:]), path.name
+    lines = install.splitlines()
+    assert f"    {INSTALL}" in lines, install  # indented: under the check below
+    guard = lines[lines.index(f"    {INSTALL}") - 1]
+    assert guard.startswith("if ") and "find_spec" in guard, install
+    assert '"jaxeff"' in install, install  # what it checks for includes jaxeff itself
+
+
+def check_committed_outputs(nb, name):
+    """The outputs of one top-to-bottom run, saved by ``notebooks/regenerate.py``."""
+    stem = pathlib.Path(name).stem
+    rerun = f"{name} is committed without its results: run python notebooks/regenerate.py {stem}"
+    cells = code_cells(nb)
+    counts = [cell.execution_count for cell in cells]
+    assert counts == list(range(1, len(cells) + 1)), f"{rerun} (execution counts {counts})"
+    outputs = [output for cell in cells for output in cell.outputs]
+    errors = [o for o in outputs if o.output_type == "error"]
+    assert not errors, f"{name}: error outputs {[(o.ename, o.evalue) for o in errors]}"
+    tracebacks = [o.text for o in outputs if o.output_type == "stream" and "Traceback" in o.text]
+    assert not tracebacks, f"{name}: a traceback in the outputs: {tracebacks[0][:500]}"
+    images = [o for o in outputs if "image/png" in o.get("data", {})]
+    assert images, f"{rerun} (no figure)"
+    # Every notebook ends by writing its results file and saying so.
+    last = "".join(o.get("text", "") for o in cells[-1].outputs)
+    assert "saved" in last, f"{rerun} (the last cell printed {last!r})"
+    for index, cell in enumerate(nb.cells):
+        assert "execution" not in cell.metadata, f"{name} cell {index}: timing metadata"
+    assert "widgets" not in nb.metadata, f"{name}: widget state"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_committed_notebook_has_its_outputs(path):
+    check_committed_outputs(nbformat.read(path, as_version=4), path.name)
+    size = path.stat().st_size
+    assert size < SIZE_LIMIT_BYTES, f"{path.name} is {size / 1e6:.2f} MB"
+
+
+def test_a_notebook_without_outputs_fails_the_check():
+    nb = nbformat.read(NOTEBOOKS[0], as_version=4)
+    for cell in code_cells(nb):
+        cell.outputs, cell.execution_count = [], None
+    with pytest.raises(AssertionError, match="committed without its results"):
+        check_committed_outputs(nb, NOTEBOOKS[0].name)
