@@ -26,7 +26,6 @@ SUBPACKAGES = [
 NOT_YET = {
     "clustering",
     "data",
-    "gvar",
     "models",
     "pergrad",
     "privacy",

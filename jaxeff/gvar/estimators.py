@@ -45,8 +45,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from jaxeff.pergrad.chunks import take_rows
@@ -73,10 +75,13 @@ class Sample(NamedTuple):
     Attributes:
       indices: ``(b,)`` integer indices into the dataset (repeats allowed).
       weights: ``(b,)`` float weights; the estimate is ``Σ_j weights[j] g_{indices[j]}``.
+
+    JAX arrays from the samplers in JAX; numpy arrays from the host-side samplers of
+    input pipelines (:mod:`jaxeff.clustering.samplers`).
     """
 
-    indices: jax.Array
-    weights: jax.Array
+    indices: jax.Array | np.ndarray
+    weights: jax.Array | np.ndarray
 
 
 class GradientEstimator(NamedTuple):
@@ -101,14 +106,14 @@ class SVRGState(NamedTuple):
     mean_grad: Any
 
 
-def num_examples(data) -> int:
+def num_examples(data: chex.ArrayTree) -> int:
     """``N``, the common leading-axis size of the arrays of ``data`` (static)."""
     leaves = jax.tree.leaves(data)
     if not leaves:
         raise ValueError(f"`data` must hold at least one array, got {data!r}.")
-    sizes = {jnp.shape(x)[0] if jnp.ndim(x) else None for x in leaves}
-    if None in sizes:
+    if any(not jnp.ndim(x) for x in leaves):
         raise ValueError("`data` leaves must have a leading example axis; found a scalar.")
+    sizes = {jnp.shape(x)[0] for x in leaves}
     if len(sizes) != 1:
         shapes = jax.tree.map(jnp.shape, data)
         raise ValueError(f"`data` leaves must share the leading axis size N, got {shapes}.")
@@ -118,12 +123,14 @@ def num_examples(data) -> int:
     return size
 
 
-def _check_positive_int(value, name: str) -> None:
+def _check_positive_int(value: Any, name: str) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
 
 
-def weighted_gradient(loss_fn: LossFn, params, data, sample: Sample):
+def weighted_gradient(
+    loss_fn: LossFn, params: chex.ArrayTree, data: chex.ArrayTree, sample: Sample
+) -> chex.ArrayTree:
     r"""``Σ_j w_j ∇ℓ_{i_j}(θ)``: the gradient of the weighted loss of the sampled examples.
 
     .. math::
@@ -163,7 +170,9 @@ def weighted_gradient(loss_fn: LossFn, params, data, sample: Sample):
     return jax.grad(weighted_loss)(params)
 
 
-def mean_gradient(loss_fn: LossFn, params, data, *, chunk_size: int | None = None):
+def mean_gradient(
+    loss_fn: LossFn, params: chex.ArrayTree, data: chex.ArrayTree, *, chunk_size: int | None = None
+) -> chex.ArrayTree:
     r"""The full gradient ``∇f(θ) = (1/N) Σ_i ∇ℓ_i(θ)`` over all of ``data``.
 
     Runs over chunks of ``chunk_size`` examples one after another (``lax.scan``); the last

@@ -24,6 +24,7 @@ import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -53,8 +54,8 @@ class GradientMoments(NamedTuple):
 
 def gradient_moments(
     loss_fn: Callable[[Any, Any], jax.Array],
-    params,
-    data,
+    params: chex.ArrayTree,
+    data: chex.ArrayTree,
     *,
     chunk_size: int | None = None,
 ) -> GradientMoments:

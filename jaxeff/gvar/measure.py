@@ -40,8 +40,10 @@ import zlib
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
+import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxeff.gvar.estimators import GradientEstimator
 
@@ -67,13 +69,17 @@ class VarianceStats(NamedTuple):
       grad_norm: ``||ḡ||``, the norm of the estimated mean gradient.
       active_fraction: fraction of coordinates that some draw moved (non-zero second
         moment).
+
+    Each is a scalar: a float32 ``jax.Array`` when measured from draws
+    (:func:`measure_variance`), a numpy float64 from the exact moments
+    (:func:`jaxeff.gvar.exact_variance`).
     """
 
-    variance: jax.Array
-    normalized_variance: jax.Array
-    snr: jax.Array
-    grad_norm: jax.Array
-    active_fraction: jax.Array
+    variance: jax.Array | np.floating
+    normalized_variance: jax.Array | np.floating
+    snr: jax.Array | np.floating
+    grad_norm: jax.Array | np.floating
+    active_fraction: jax.Array | np.floating
 
 
 #: The names of the statistics, in :class:`VarianceStats` order.
@@ -100,11 +106,11 @@ def estimator_key(key: jax.Array, name: str) -> jax.Array:
     return jax.random.fold_in(key, zlib.crc32(name.encode()) & 0x7FFFFFFF)
 
 
-def _sum_all(tree) -> jax.Array:
+def _sum_all(tree: chex.ArrayTree) -> jax.Array:
     return sum((jnp.sum(x) for x in jax.tree.leaves(tree)), jnp.zeros((), jnp.float32))
 
 
-def variance_statistics(mean, coordinate_variance) -> VarianceStats:
+def variance_statistics(mean: chex.ArrayTree, coordinate_variance: chex.ArrayTree) -> VarianceStats:
     r"""The :class:`VarianceStats` from a mean and a per-coordinate variance.
 
     Args:
@@ -171,13 +177,13 @@ _measure_jit = jax.jit(_measure, static_argnames=("estimator", "num_draws"))
 
 def measure_variance(
     estimator: GradientEstimator,
-    state,
-    params,
-    data,
+    state: Any,
+    params: chex.ArrayTree,
+    data: chex.ArrayTree,
     key: jax.Array,
     *,
     num_draws: int = 10,
-    mean=None,
+    mean: chex.ArrayTree | None = None,
 ) -> VarianceStats:
     r"""Average variance, normalised variance, SNR and norm of one estimator at ``params``.
 
@@ -213,7 +219,8 @@ def measure_variance(
         )
     if isinstance(num_draws, bool) or not isinstance(num_draws, int) or num_draws < 1:
         raise ValueError(f"`num_draws` must be a positive integer, got {num_draws!r}.")
-    if mean is not None and jax.tree.structure(mean) != jax.tree.structure(params):
+    # mypy cannot compare two PyTreeDefs: jaxlib's have no type stubs.
+    if mean is not None and jax.tree.structure(mean) != jax.tree.structure(params):  # type: ignore[operator]
         raise ValueError(
             "`mean` must have the structure of `params`; got "
             f"{jax.tree.structure(mean)} vs {jax.tree.structure(params)}."
@@ -226,8 +233,8 @@ def measure_variance(
 def measure(
     estimators: Mapping[str, GradientEstimator],
     states: Mapping[str, Any],
-    params,
-    data,
+    params: chex.ArrayTree,
+    data: chex.ArrayTree,
     key: jax.Array,
     *,
     num_draws: int = 10,

@@ -36,7 +36,7 @@ _TITLES = {
 }
 
 
-def stats_record(step: int, estimator: str, stats: VarianceStats, **extra) -> dict[str, Any]:
+def stats_record(step: int, estimator: str, stats: VarianceStats, **extra: Any) -> dict[str, Any]:
     """``{"step", "estimator", <each statistic as a float>, **extra}``."""
     if not isinstance(stats, VarianceStats):
         raise TypeError(f"`stats` must be VarianceStats, got {type(stats).__name__}.")
@@ -47,7 +47,7 @@ def stats_record(step: int, estimator: str, stats: VarianceStats, **extra) -> di
     return record
 
 
-def append_records(path, records: Iterable[Mapping[str, Any]]) -> None:
+def append_records(path: str | os.PathLike[str], records: Iterable[Mapping[str, Any]]) -> None:
     """Appends records as JSON lines to ``path`` (its directory is created); process 0 only.
 
     Non-finite floats are written as ``Infinity``/``NaN``, which ``json`` reads back.
@@ -62,7 +62,7 @@ def append_records(path, records: Iterable[Mapping[str, Any]]) -> None:
         f.flush()
 
 
-def read_records(path) -> list[dict[str, Any]]:
+def read_records(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """The records of ``path``, sorted by step, the last one kept per (step, estimator).
 
     An incomplete last line (a run killed mid-write) is skipped.
@@ -88,7 +88,7 @@ def read_records(path) -> list[dict[str, Any]]:
 
 def plot_records(
     records: Sequence[Mapping[str, Any]],
-    path,
+    path: str | os.PathLike[str],
     *,
     quantities: Sequence[str] = ("variance", "normalized_variance"),
     title: str | None = None,
