@@ -23,16 +23,27 @@ from __future__ import annotations
 
 import math
 import numbers
+from typing import Any, TypeVar
 
 import jax
 import numpy as np
 
 __all__ = ["check_number"]
 
+_T = TypeVar("_T")
 
-def _describe(at_least, above, at_most, below, schedule: bool) -> str:
+
+def _describe(
+    at_least: float | None,
+    above: float | None,
+    at_most: float | None,
+    below: float | None,
+    schedule: bool,
+) -> str:
     """``"a finite number >= 0"``, ``"a number in [0, 1)"``, ... for an error message."""
-    low = high = None  # (bracket, bound, comparison)
+    # (bracket, bound, comparison)
+    low: tuple[str, float, str] | None = None
+    high: tuple[str, float, str] | None = None
     if at_least is not None:
         low = ("[", at_least, ">=")
     elif above is not None:
@@ -41,29 +52,30 @@ def _describe(at_least, above, at_most, below, schedule: bool) -> str:
         high = ("]", at_most, "<=")
     elif below is not None:
         high = (")", below, "<")
+    one = low or high
     if low and high:
         text = f"a number in {low[0]}{low[1]:g}, {high[1]:g}{high[0]}"
-    elif low or high:
-        _, bound, comparison = low or high
+    elif one:
+        _, bound, comparison = one
         text = f"a finite number {comparison} {bound:g}"
     else:
         text = "a finite number"
     return text + (" or a schedule (a callable of the step)" if schedule else "")
 
 
-def _unreadable(value) -> bool:
+def _unreadable(value: Any) -> bool:
     """Whether ``value``'s number cannot be read here: traced, or on other processes."""
     if isinstance(value, jax.core.Tracer):
         return True
     return isinstance(value, jax.Array) and not value.is_fully_addressable
 
 
-def _is_real_number(value) -> bool:
+def _is_real_number(value: Any) -> bool:
     """A Python or numpy integer or float (not a bool)."""
     return isinstance(value, numbers.Real) and not isinstance(value, bool | np.bool_)
 
 
-def _is_real_scalar_array(value) -> bool:
+def _is_real_scalar_array(value: Any) -> bool:
     """A 0-d numpy or jax array of an integer or floating dtype (bfloat16 included)."""
     if not isinstance(value, np.ndarray | jax.Array) or np.ndim(value) != 0:
         return False
@@ -72,7 +84,7 @@ def _is_real_scalar_array(value) -> bool:
 
 
 def check_number(
-    value,
+    value: _T,
     name: str,
     *,
     at_least: float | None = None,
@@ -81,7 +93,7 @@ def check_number(
     below: float | None = None,
     schedule: bool = False,
     static: bool = False,
-):
+) -> _T:
     """Raises unless ``value`` is a finite real number within the bounds given.
 
     Args:

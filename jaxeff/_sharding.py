@@ -13,7 +13,7 @@ import jax
 from jax.sharding import NamedSharding, PartitionSpec
 
 
-def gather_explicit(x):
+def gather_explicit(x: jax.Array) -> jax.Array:
     """``x`` replicated on every device if its type is sharded over an explicit axis."""
     sharding = jax.typeof(x).sharding
     if any(axis is not None for axis in sharding.spec):

@@ -24,7 +24,6 @@ SUBPACKAGES = [
 ]
 # Subpackages whose public annotations are not complete yet.
 NOT_YET = {
-    "clustering",
     "data",
     "models",
     "pergrad",

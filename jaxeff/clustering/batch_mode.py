@@ -13,13 +13,15 @@ https://arxiv.org/abs/2007.04532.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
+from jax.typing import ArrayLike
 
 from jaxeff.clustering.centres import (
     AssignmentCounts,
@@ -74,7 +76,7 @@ def batch_update(state: ClusterState, sums: ClusterSums, *, min_fraction: float)
     return ClusterState(centres, sizes, state.count + 1)
 
 
-def _on_host(x) -> np.ndarray:
+def _on_host(x: ArrayLike) -> np.ndarray:
     """``x`` as numpy, on every process also when its rows are spread over processes (then a
     collective: every process passes its part)."""
     if isinstance(x, jax.Array) and not (x.is_fully_addressable or x.is_fully_replicated):
@@ -104,12 +106,12 @@ def _seed(params, batch, key, *, loss_fn, num_clusters, leaves):
 
 def init_clusters(
     loss_fn: Callable[[Any, Any], jax.Array],
-    params,
-    batch,
+    params: chex.ArrayTree,
+    batch: chex.ArrayTree,
     *,
     num_clusters: int,
     key: jax.Array,
-    leaves=None,
+    leaves: str | Sequence[str] | None = None,
 ) -> ClusterState:
     """``K`` clusters seeded at ``K`` distinct examples of ``batch`` (see
     :func:`jaxeff.clustering.init_from_stats`).
@@ -146,8 +148,8 @@ def init_clusters(
 
 def clustering_pass(
     loss_fn: Callable[[Any, Any], jax.Array],
-    params,
-    batches: Iterable,
+    params: chex.ArrayTree,
+    batches: Iterable[chex.ArrayTree],
     state: ClusterState,
     *,
     min_fraction: float = 0.0,

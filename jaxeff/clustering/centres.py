@@ -33,13 +33,16 @@ https://arxiv.org/abs/2007.04532.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
 
+import chex
 import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
 
 from jaxeff._sharding import gather_explicit
-from jaxeff.pergrad import direction_shapes, param_paths, per_example_stats
+from jaxeff.pergrad import PerExampleStats, direction_shapes, param_paths, per_example_stats
 from jaxeff.pergrad.chunks import replicated_like
 
 __all__ = [
@@ -69,12 +72,14 @@ class ClusterState(NamedTuple):
       count: ``()`` int32, the number of updates so far.
     """
 
-    centres: dict
+    centres: dict[str, tuple[jax.Array, ...]]
     sizes: jax.Array
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # shadows tuple.count (as in optax's states)
 
 
-def zero_directions(shapes: dict, num_clusters: int) -> dict:
+def zero_directions(
+    shapes: Mapping[str, Sequence[tuple[int, ...]]], num_clusters: int
+) -> dict[str, tuple[jax.Array, ...]]:
     """``{path: zeros (K, *S_j) for each factor}``: directions that only make
     :func:`jaxeff.pergrad.per_example_stats` return the leaves' factors."""
     return {
@@ -83,7 +88,12 @@ def zero_directions(shapes: dict, num_clusters: int) -> dict:
     }
 
 
-def cluster_leaves(loss_fn, params, batch, leaves=None) -> dict[str, tuple]:
+def cluster_leaves(
+    loss_fn: Callable[[Any, Any], jax.Array],
+    params: chex.ArrayTree,
+    batch: chex.ArrayTree,
+    leaves: str | Sequence[str] | None = None,
+) -> dict[str, tuple]:
     """``{path: factor shapes}`` of the parameter leaves to cluster on.
 
     A leaf can be clustered when :func:`jaxeff.pergrad.per_example_stats` gives its
@@ -138,12 +148,12 @@ def cluster_leaves(loss_fn, params, batch, leaves=None) -> dict[str, tuple]:
     return chosen
 
 
-def _check_num_clusters(num_clusters) -> None:
+def _check_num_clusters(num_clusters: Any) -> None:
     if isinstance(num_clusters, bool) or not isinstance(num_clusters, int) or num_clusters < 1:
         raise ValueError(f"`num_clusters` must be a positive integer, got {num_clusters!r}.")
 
 
-def _from_stats(stats, field: str, paths, what: str) -> dict:
+def _from_stats(stats: PerExampleStats, field: str, paths: Sequence[str], what: str) -> dict:
     found = getattr(stats, field) or {}
     missing = [p for p in paths if p not in found]
     if missing:
@@ -155,12 +165,12 @@ def _from_stats(stats, field: str, paths, what: str) -> dict:
     return {p: found[p] for p in paths}
 
 
-def _factors(stats, paths) -> dict:
+def _factors(stats: PerExampleStats, paths: Sequence[str]) -> dict:
     """``{path: per-example factors}`` for ``paths``, from ``stats.factors``."""
     return _from_stats(stats, "factors", paths, "factors")
 
 
-def _float_factors(stats, paths) -> dict:
+def _float_factors(stats: PerExampleStats, paths: Sequence[str]) -> dict:
     """:func:`_factors` in float32."""
     return {
         path: tuple(x.astype(jnp.float32) for x in parts)
@@ -168,7 +178,7 @@ def _float_factors(stats, paths) -> dict:
     }
 
 
-def _leaf_sq_norms(stats, paths) -> dict:
+def _leaf_sq_norms(stats: PerExampleStats, paths: Sequence[str]) -> dict:
     """``{path: (B,) ||g_{i,p}||²}`` for ``paths``."""
     flat = dict(zip(param_paths(stats.sq_norms), jax.tree.leaves(stats.sq_norms), strict=True))
     return {p: flat[p] for p in paths}
@@ -190,9 +200,10 @@ def _rows(x, onehot):
 def _seed_distances(factors, row):
     """``(B,)`` ``||g̃_i − g̃_row||²`` between the factored gradients (``ā_i ⊗ s_i`` for a
     matrix leaf, ``g_i`` for a one-factor leaf), summed over leaves; ``row`` is one-hot."""
-    total = 0.0
+    total: float | jax.Array = 0.0
     for parts in factors.values():
-        dots = sq = 1.0
+        dots: float | jax.Array = 1.0
+        sq: float | jax.Array = 1.0
         for f in parts:
             f = _flat(f)
             picked = _rows(f, row)
@@ -202,7 +213,9 @@ def _seed_distances(factors, row):
     return gather_explicit(jnp.maximum(total, 0.0))
 
 
-def seed_rows(stats, *, num_clusters: int, key: jax.Array, leaves) -> jax.Array:
+def seed_rows(
+    stats: PerExampleStats, *, num_clusters: int, key: jax.Array, leaves: Sequence[str]
+) -> jax.Array:
     r"""The ``(K,)`` distinct examples of a batch that :func:`init_from_stats` seeds at.
 
     D² seeding on the factored gradients: the first example is uniform; for each next
@@ -245,7 +258,9 @@ def seed_rows(stats, *, num_clusters: int, key: jax.Array, leaves) -> jax.Array:
     return chosen
 
 
-def init_from_stats(stats, *, num_clusters: int, key: jax.Array, leaves) -> ClusterState:
+def init_from_stats(
+    stats: PerExampleStats, *, num_clusters: int, key: jax.Array, leaves: Sequence[str]
+) -> ClusterState:
     r"""``K`` centres at ``K`` distinct examples of a batch, chosen by D² seeding.
 
     Centre ``k`` is example ``i_k``'s factors (``stats.factors``): ``ā_{i_k} ⊗ s_{i_k}`` for
@@ -277,7 +292,7 @@ def init_from_stats(stats, *, num_clusters: int, key: jax.Array, leaves) -> Clus
     return ClusterState(centres, sizes, jnp.zeros((), jnp.int32))
 
 
-def distances(state: ClusterState, stats) -> jax.Array:
+def distances(state: ClusterState, stats: PerExampleStats) -> jax.Array:
     r"""``(B, K)`` squared distances ``d_{ik} = Σ_p ||g_{i,p} − C_{k,p}||²`` (module docstring).
 
     Computed from ``stats.sq_norms`` and ``stats.leaf_dots`` (which must be computed with
@@ -286,12 +301,12 @@ def distances(state: ClusterState, stats) -> jax.Array:
     paths = list(state.centres)
     sq = _leaf_sq_norms(stats, paths)
     dots = _from_stats(stats, "leaf_dots", paths, "inner products")
-    total = 0.0
+    total: float | jax.Array = 0.0
     for path, parts in state.centres.items():
-        centre_sq = 1.0
+        centre_sq: float | jax.Array = 1.0
         for f in parts:
             centre_sq = centre_sq * jnp.sum(jnp.square(_flat(f)), axis=1)
-        total = total + sq[path][:, None] - 2.0 * dots[path].T + centre_sq[None, :]
+        total = total + sq[path][:, None] - 2.0 * dots[path].T + jnp.asarray(centre_sq)[None, :]
     return jnp.maximum(total, 0.0)
 
 
@@ -303,7 +318,11 @@ class AssignmentCounts(NamedTuple):
 
 
 def size_weighted_argmin(
-    dist: jax.Array, sizes: jax.Array, *, mask=None, so_far: AssignmentCounts | None = None
+    dist: jax.Array,
+    sizes: jax.Array,
+    *,
+    mask: ArrayLike | None = None,
+    so_far: AssignmentCounts | None = None,
 ) -> tuple[jax.Array, AssignmentCounts]:
     r"""Examples assigned one after another by ``argmin_k (N̂_k + 1) d_{ik}``.
 
@@ -359,7 +378,11 @@ def _scan_assign(dist, sizes, mask, so_far):
 
 
 def assign(
-    state: ClusterState, stats, *, size_weighted: bool = True, mask=None
+    state: ClusterState,
+    stats: PerExampleStats,
+    *,
+    size_weighted: bool = True,
+    mask: ArrayLike | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     r"""Each example's cluster, ``argmin_k (N̂_k + 1) d_{ik}``, and the distances.
 
@@ -381,7 +404,11 @@ def assign(
 
 
 def assign_members(
-    state: ClusterState, stats, *, size_weighted: bool = True, mask=None
+    state: ClusterState,
+    stats: PerExampleStats,
+    *,
+    size_weighted: bool = True,
+    mask: ArrayLike | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """:func:`assign`, with the ``(B, K)`` bool members ``[k(i) = k and row i is valid]``.
 
@@ -402,7 +429,7 @@ def assign_members(
     return assignments, _members(assignments, state.sizes.shape[0], mask), dist
 
 
-def _members(assignments, num_clusters: int, mask) -> jax.Array:
+def _members(assignments: jax.Array, num_clusters: int, mask: ArrayLike | None) -> jax.Array:
     """``(B, K)`` bool ``[assignments[i] = k and row i is valid]``."""
     members = assignments[:, None] == jnp.arange(num_clusters)[None, :]
     return members if mask is None else members & jnp.asarray(mask, bool)[:, None]

@@ -19,9 +19,10 @@ https://arxiv.org/abs/2007.04532.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -58,7 +59,7 @@ class GCEstimatorState(NamedTuple):
     assignments: jax.Array  # (N,) int32
 
 
-def _chunks(data, chunk_size: int):
+def _chunks(data: chex.ArrayTree, chunk_size: int) -> Iterator[dict[str, Any]]:
     """``data`` in consecutive chunks of ``chunk_size`` rows; the last is padded and masked."""
     size = gvar.num_examples(data)
     for start in range(0, size, chunk_size):
@@ -68,7 +69,7 @@ def _chunks(data, chunk_size: int):
         yield {"batch": chunk, "mask": np.arange(start, start + chunk_size) < stop}
 
 
-def _check_pass_options(num_passes, min_fraction, chunk_size) -> None:
+def _check_pass_options(num_passes: Any, min_fraction: Any, chunk_size: Any) -> None:
     """The checks of :func:`cluster_examples`'s options, naming the argument."""
     if isinstance(num_passes, bool) or not isinstance(num_passes, int) or num_passes < 0:
         raise ValueError(f"`num_passes` must be a non-negative integer, got {num_passes!r}.")
@@ -89,15 +90,15 @@ def _unwrap(loss_fn: ExampleLoss) -> ExampleLoss:
 
 def cluster_examples(
     loss_fn: ExampleLoss,
-    params,
-    data,
+    params: chex.ArrayTree,
+    data: chex.ArrayTree,
     *,
     num_clusters: int,
     key: jax.Array,
     num_passes: int = 3,
     min_fraction: float = 0.0,
     chunk_size: int = 1024,
-    leaves=None,
+    leaves: str | Sequence[str] | None = None,
     state: ClusterState | None = None,
 ) -> tuple[ClusterState, np.ndarray]:
     """Batch-mode clustering of a whole in-memory dataset: ``num_passes`` passes, then the
@@ -149,7 +150,7 @@ def gc_estimator(
     allocation: str = "equal",
     replace: bool = True,
     chunk_size: int = 1024,
-    leaves=None,
+    leaves: str | Sequence[str] | None = None,
     seed: int = 0,
 ) -> gvar.GradientEstimator:
     r"""The gradient-clustering estimator: stratified draws over gradient clusters.
@@ -223,14 +224,19 @@ def gc_estimator(
     return gvar.sampling_estimator(loss_fn, sample_fn, init_fn=init)
 
 
-def _check_score_options(score, chunk_size) -> None:
+def _check_score_options(score: Any, chunk_size: Any) -> None:
     if score not in ("grad_norm", "loss"):
         raise ValueError(f"`score` must be 'grad_norm' or 'loss', got {score!r}.")
     _check_positive_int(chunk_size, "chunk_size")
 
 
 def example_scores(
-    loss_fn: ExampleLoss, params, data, *, score: str = "grad_norm", chunk_size=1024
+    loss_fn: ExampleLoss,
+    params: chex.ArrayTree,
+    data: chex.ArrayTree,
+    *,
+    score: str = "grad_norm",
+    chunk_size: int = 1024,
 ) -> jax.Array:
     """``(N,)`` per-example scores: gradient norms ``||g_i||`` (fast path) or losses ``ℓ_i``."""
     _check_score_options(score, chunk_size)

@@ -19,8 +19,11 @@ Gradient Variance in Deep Learning", https://arxiv.org/abs/2007.04532.
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
 
 from jaxeff._checks import check_number
 from jaxeff.clustering.centres import ClusterState, assign_members
@@ -30,11 +33,12 @@ from jaxeff.clustering.sums import (
     member_sums,
     split_small_clusters,
 )
+from jaxeff.pergrad import PerExampleStats
 
 __all__ = ["apply_sums", "check_online_options", "online_update"]
 
 
-def check_online_options(*, decay, min_fraction, reinit_every) -> None:
+def check_online_options(*, decay: Any, min_fraction: Any, reinit_every: Any) -> None:
     """The checks of :func:`online_update`'s options, naming the argument.
 
     ``decay`` and ``min_fraction`` must lie in ``[0, 1)`` (traced values pass unchecked);
@@ -48,13 +52,13 @@ def check_online_options(*, decay, min_fraction, reinit_every) -> None:
 
 def online_update(
     state: ClusterState,
-    stats,
+    stats: PerExampleStats,
     *,
     decay: float = 0.9,
     min_fraction: float = 0.0,
     reinit_every: int = 0,
     size_weighted: bool = True,
-    mask=None,
+    mask: ArrayLike | None = None,
 ) -> tuple[ClusterState, jax.Array]:
     """One online update from a batch's per-example statistics (module docstring).
 

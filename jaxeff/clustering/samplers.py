@@ -52,10 +52,11 @@ from __future__ import annotations
 import collections
 import sys
 import threading
-from collections.abc import Iterator, Mapping
-from typing import Any
+from collections.abc import Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from jaxeff._extras import require
 from jaxeff.clustering.sampling import (
@@ -66,7 +67,10 @@ from jaxeff.clustering.sampling import (
 )
 from jaxeff.gvar import Sample
 
-grain = require("grain", extra="data", feature="jaxeff.clustering's grain samplers")
+if TYPE_CHECKING:
+    import grain
+else:
+    grain = require("grain", extra="data", feature="jaxeff.clustering's grain samplers")
 
 __all__ = ["ImportanceSampler", "StratifiedSampler", "weighted_batches"]
 
@@ -76,13 +80,13 @@ _KEPT_RECORDS = 1 << 16  # drawn batches kept: enough for grain's read-ahead buf
 
 
 # -- checks ----------------------------------------------------------------------------
-def _check_positive_int(value, name: str) -> int:
+def _check_positive_int(value: Any, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
         raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
     return int(value)
 
 
-def _check_seed(seed) -> int:
+def _check_seed(seed: Any) -> int:
     if isinstance(seed, bool) or not isinstance(seed, int | np.integer):
         raise TypeError(f"`seed` must be an int, got {seed!r}.")
     if not 0 <= int(seed) < 2**32:
@@ -90,7 +94,7 @@ def _check_seed(seed) -> int:
     return int(seed)
 
 
-def _check_indices(indices, num_examples: int, name: str = "indices") -> np.ndarray:
+def _check_indices(indices: ArrayLike, num_examples: int, name: str = "indices") -> np.ndarray:
     indices = np.asarray(indices)
     if indices.ndim != 1 or not np.issubdtype(indices.dtype, np.integer):
         raise ValueError(
@@ -104,7 +108,9 @@ def _check_indices(indices, num_examples: int, name: str = "indices") -> np.ndar
     return indices.astype(np.int64)
 
 
-def _check_assignments(assignments, num_clusters: int, size: int, name="assignments"):
+def _check_assignments(
+    assignments: ArrayLike, num_clusters: int, size: int, name: str = "assignments"
+) -> np.ndarray:
     assignments = np.asarray(assignments)
     if assignments.shape != (size,):
         raise ValueError(f"`{name}` must have shape ({size},), got {assignments.shape}.")
@@ -118,7 +124,7 @@ def _check_assignments(assignments, num_clusters: int, size: int, name="assignme
     return assignments.astype(np.int32)
 
 
-def _check_scores(scores, size: int, name: str = "scores") -> np.ndarray:
+def _check_scores(scores: ArrayLike, size: int, name: str = "scores") -> np.ndarray:
     scores = np.asarray(scores)
     if scores.shape != (size,):
         raise ValueError(f"`{name}` must have shape ({size},), got {scores.shape}.")
@@ -138,7 +144,9 @@ def _last_occurrences(indices: np.ndarray) -> np.ndarray:
     return len(indices) - 1 - first_from_end
 
 
-def _state_array(state: Mapping[str, Any], key: str, shape, dtype) -> np.ndarray:
+def _state_array(
+    state: Mapping[str, Any], key: str, shape: tuple[int, ...], dtype: Any
+) -> np.ndarray:
     if not isinstance(state, Mapping) or key not in state:
         keys = sorted(state) if isinstance(state, Mapping) else type(state).__name__
         raise ValueError(f"`state` must be a dict with {key!r}; got {keys}.")
@@ -152,7 +160,13 @@ def _state_array(state: Mapping[str, Any], key: str, shape, dtype) -> np.ndarray
 class _BatchStream:
     """Step-indexed global batches, kept once drawn; this process's rows; grain records."""
 
-    def __init__(self, num_examples, batch_size, seed, shard_options):
+    def __init__(
+        self,
+        num_examples: int,
+        batch_size: int,
+        seed: int,
+        shard_options: grain.sharding.ShardOptions,
+    ):
         self.num_examples = _check_positive_int(num_examples, "num_examples")
         if self.num_examples > _MAX_EXAMPLES:
             raise ValueError(f"`num_examples` must be below 2**31, got {num_examples}.")
@@ -238,7 +252,7 @@ class _BatchStream:
     def _base_state(self) -> dict[str, np.ndarray]:
         return {"seed": np.asarray(self.seed, np.uint32), "step": np.asarray(self._next_step)}
 
-    def _set_base_state(self, state) -> None:
+    def _set_base_state(self, state: Mapping[str, Any]) -> None:
         seed = int(_state_array(state, "seed", (), np.int64))
         if seed != self.seed:
             raise ValueError(
@@ -376,7 +390,7 @@ class StratifiedSampler(_BatchStream):
         """``(K,)`` ``N_k``."""
         return self._sizes.copy()
 
-    def update(self, assignments, indices=None) -> None:
+    def update(self, assignments: ArrayLike, indices: ArrayLike | None = None) -> None:
         """Sets the clusters of all examples, or of ``indices`` only, from the next batch.
 
         Args:
@@ -396,7 +410,7 @@ class StratifiedSampler(_BatchStream):
             for j in moved:  # only the examples whose cluster changes
                 self._move(int(indices[j]), int(assignments[j]))
 
-    def _draw(self, rng):
+    def _draw(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         sizes, size, b = self._sizes, self.num_examples, self.batch_size
         nonempty = np.flatnonzero(sizes)
         if len(nonempty) > b:  # fewer slots than clusters: b clusters, one example each
@@ -421,7 +435,7 @@ class StratifiedSampler(_BatchStream):
                 chosen = np.resize(members[rng.permutation(len(members))], draws)
             indices[start : start + draws] = chosen
             weights[start : start + draws] = _stratum_weight(sizes[cluster], draws, size)
-            start += draws
+            start += int(draws)
         order = rng.permutation(b)
         return indices[order], weights[order] / inclusion
 
@@ -471,7 +485,7 @@ class _SumTree:
             level //= 2
 
     @property
-    def total(self):
+    def total(self) -> Any:
         return self._nodes[1]
 
     def set(self, indices: np.ndarray, values: np.ndarray) -> None:
@@ -566,7 +580,7 @@ class ImportanceSampler(_BatchStream):
         num_known = self.num_examples - int(self._unknown.total)
         return float(self._known.total) / num_known if num_known else 1.0
 
-    def update(self, scores, indices=None) -> None:
+    def update(self, scores: ArrayLike, indices: ArrayLike | None = None) -> None:
         """Sets the scores of all examples, or of ``indices`` only, from the next batch.
 
         Args:
@@ -578,18 +592,18 @@ class ImportanceSampler(_BatchStream):
                 scores = _check_scores(scores, self.num_examples)
                 self._rebuild(scores, np.ones(self.num_examples, bool))
                 return
-            indices = _check_indices(indices, self.num_examples)
-            scores = _check_scores(scores, len(indices))
-            if not len(indices):
+            rows = _check_indices(indices, self.num_examples)
+            values = _check_scores(scores, len(rows))
+            if not len(rows):
                 return
-            last = _last_occurrences(indices)
-            indices, scores = indices[last], scores[last]
-            self._scores[indices] = scores
-            self._scored[indices] = True
-            self._known.set(indices, scores.astype(np.float64))
-            self._unknown.set(indices, np.zeros(len(indices), np.int64))
+            last = _last_occurrences(rows)
+            rows, values = rows[last], values[last]
+            self._scores[rows] = values
+            self._scored[rows] = True
+            self._known.set(rows, values.astype(np.float64))
+            self._unknown.set(rows, np.zeros(len(rows), np.int64))
 
-    def _draw(self, rng):
+    def _draw(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         size, b, smoothing = self.num_examples, self.batch_size, self.smoothing
         num_unknown = int(self._unknown.total)
         initial = self._initial_score()
@@ -606,7 +620,7 @@ class ImportanceSampler(_BatchStream):
         from_known = component < known_share
         from_unknown = (component >= known_share) & (component < known_share + unknown_share)
         if from_known.any():
-            targets = rng.random(int(from_known.sum())) * known_total
+            targets: np.ndarray = rng.random(int(from_known.sum())) * known_total
             indices[from_known] = self._known.find(targets)
         if from_unknown.any():
             targets = rng.integers(0, num_unknown, int(from_unknown.sum()))
@@ -636,7 +650,12 @@ class ImportanceSampler(_BatchStream):
             self._rebuild(scores, scored)
 
 
-def weighted_batches(source, sampler, *, start: int | None = None) -> Iterator[dict]:
+def weighted_batches(
+    source: Sequence[Mapping[str, Any]],
+    sampler: StratifiedSampler | ImportanceSampler,
+    *,
+    start: int | None = None,
+) -> Iterator[dict[str, np.ndarray]]:
     """An iterator over this process's batch of each step, read from a random-access source.
 
     Step ``t`` reads ``sampler.batch(t)`` from ``source`` (``source.__getitems__`` when it
@@ -679,7 +698,11 @@ def weighted_batches(source, sampler, *, start: int | None = None) -> Iterator[d
     return _read_batches(source, sampler, int(step))
 
 
-def _read_batches(source, sampler, step: int) -> Iterator[dict]:
+def _read_batches(
+    source: Sequence[Mapping[str, Any]],
+    sampler: StratifiedSampler | ImportanceSampler,
+    step: int,
+) -> Iterator[dict[str, np.ndarray]]:
     while True:
         sample = sampler.batch(step)
         keys = [int(i) for i in sample.indices]
@@ -693,5 +716,7 @@ def _read_batches(source, sampler, step: int) -> Iterator[dict]:
         clash = {"weights", "indices"} & set(fields)
         if clash:
             raise ValueError(f"`source` records must not have the reserved fields {clash}.")
-        yield {**fields, "weights": sample.weights, "indices": sample.indices}
+        # The sampler's numpy arrays themselves (np.asarray copies nothing).
+        weights, indices = np.asarray(sample.weights), np.asarray(sample.indices)
+        yield {**fields, "weights": weights, "indices": indices}
         step += 1

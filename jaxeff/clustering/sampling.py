@@ -36,10 +36,12 @@ share the allocation and weight formulas defined here.
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import ArrayLike
 
 from jaxeff._checks import check_number
 from jaxeff.gvar import Sample
@@ -60,26 +62,28 @@ ALLOCATIONS = ("equal", "proportional")
 
 
 # -- checks ----------------------------------------------------------------------------
-def _is_concrete(x) -> bool:
+def _is_concrete(x: Any) -> bool:
     return not isinstance(x, jax.core.Tracer)
 
 
-def _check_positive_int(value, name: str) -> None:
+def _check_positive_int(value: Any, name: str) -> None:
     if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
         raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
 
 
-def _check_allocation(allocation) -> None:
+def _check_allocation(allocation: Any) -> None:
     if allocation not in ALLOCATIONS:
         raise ValueError(f"`allocation` must be one of {ALLOCATIONS}, got {allocation!r}.")
 
 
-def _check_smoothing(smoothing) -> float:
+def _check_smoothing(smoothing: Any) -> float:
     """``smoothing`` as a Python float in ``[0, 1]`` (it is a static argument)."""
     return float(check_number(smoothing, "smoothing", at_least=0, at_most=1, static=True))
 
 
-def _check_assignments(assignments, num_clusters: int, name: str = "assignments"):
+def _check_assignments(
+    assignments: ArrayLike, num_clusters: int, name: str = "assignments"
+) -> jax.Array:
     """Shape and dtype always; values when concrete. Returns a jnp int32 array."""
     shape, dtype = jnp.shape(assignments), jnp.result_type(assignments)
     if len(shape) != 1 or shape[0] < 1:
@@ -96,7 +100,7 @@ def _check_assignments(assignments, num_clusters: int, name: str = "assignments"
     return jnp.asarray(assignments, jnp.int32)
 
 
-def _check_scores(scores, name: str = "scores"):
+def _check_scores(scores: ArrayLike, name: str = "scores") -> jax.Array:
     """Shape and dtype always; values (finite, non-negative) when concrete."""
     shape, dtype = jnp.shape(scores), jnp.result_type(scores)
     if len(shape) != 1 or shape[0] < 1:
@@ -112,7 +116,7 @@ def _check_scores(scores, name: str = "scores"):
     return jnp.asarray(scores, jnp.float32)
 
 
-def _check_vectors(x, size: int, name: str = "x"):
+def _check_vectors(x: ArrayLike, size: int, name: str = "x") -> jax.Array:
     x = jnp.asarray(x)
     if x.ndim < 1 or x.shape[0] != size:
         raise ValueError(f"`{name}` must have N={size} rows (one per example), got {x.shape}.")
@@ -169,7 +173,9 @@ def _importance_probability(score, total, num_examples, smoothing):
 
 
 # -- stratified sampling ---------------------------------------------------------------
-def slots_per_cluster(assignments, *, num_clusters: int, batch_size: int, allocation="equal"):
+def slots_per_cluster(
+    assignments: ArrayLike, *, num_clusters: int, batch_size: int, allocation: str = "equal"
+) -> jax.Array:
     r"""How many of the ``b`` slots each cluster gets: ``n_k``, ``Σ_k n_k = b``.
 
     With ``K'`` non-empty clusters and ``b >= K'``:
@@ -211,7 +217,9 @@ def slots_per_cluster(assignments, *, num_clusters: int, batch_size: int, alloca
     return jnp.where(jnp.sum(sizes > 0) > batch_size, 0, slots)
 
 
-def stratified_weights(assignments, indices, *, num_clusters: int):
+def stratified_weights(
+    assignments: ArrayLike, indices: ArrayLike, *, num_clusters: int
+) -> jax.Array:
     r"""Weights ``N_k / (N n_k)`` of a stratified sample, ``n_k`` counted in ``indices``.
 
     .. math::
@@ -260,7 +268,7 @@ def stratified_weights(assignments, indices, *, num_clusters: int):
 
 def stratified_sample(
     key: jax.Array,
-    assignments,
+    assignments: ArrayLike,
     *,
     num_clusters: int,
     batch_size: int,
@@ -374,14 +382,14 @@ def _stratified_sample(key, assignments, *, num_clusters, batch_size, allocation
 
 
 def stratified_variance(
-    x,
-    assignments,
+    x: ArrayLike,
+    assignments: ArrayLike,
     *,
     num_clusters: int,
     batch_size: int,
     allocation: str = "equal",
     replace: bool = True,
-):
+) -> jax.Array:
     r"""Exact variance of :func:`stratified_sample`'s estimate ``Σ_j w_j x_{i_j}``.
 
     Summed over coordinates (the trace of the covariance). With ``σ_k²`` the within-cluster
@@ -474,7 +482,7 @@ def _stratified_variance(x, assignments, *, num_clusters, batch_size, allocation
 
 
 # -- importance sampling -----------------------------------------------------------------
-def importance_probabilities(scores, *, smoothing: float = 0.0):
+def importance_probabilities(scores: ArrayLike, *, smoothing: float = 0.0) -> jax.Array:
     r"""Sampling probabilities proportional to scores, mixed with uniform.
 
     .. math::
@@ -500,7 +508,9 @@ def importance_probabilities(scores, *, smoothing: float = 0.0):
     return _importance_probability(scores, jnp.sum(scores), scores.shape[0], smoothing)
 
 
-def importance_sample(key: jax.Array, scores, *, batch_size: int, smoothing: float = 0.0) -> Sample:
+def importance_sample(
+    key: jax.Array, scores: ArrayLike, *, batch_size: int, smoothing: float = 0.0
+) -> Sample:
     r"""``b`` independent draws with probabilities ``p_i``, weighted ``1 / (N b p_i)``.
 
     .. math::
@@ -550,7 +560,9 @@ def _importance_sample(key, scores, *, batch_size, smoothing):
     return Sample(indices, weights)
 
 
-def importance_variance(x, scores, *, batch_size: int, smoothing: float = 0.0):
+def importance_variance(
+    x: ArrayLike, scores: ArrayLike, *, batch_size: int, smoothing: float = 0.0
+) -> jax.Array:
     r"""Exact variance of :func:`importance_sample`'s estimate ``Σ_j w_j x_{i_j}``.
 
     Summed over coordinates; ``b`` independent draws:

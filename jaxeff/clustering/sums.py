@@ -20,13 +20,15 @@ the same numbers.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
 
 from jaxeff._checks import check_number
 from jaxeff.clustering.centres import ClusterState, _factors, _members
+from jaxeff.pergrad import PerExampleStats
 from jaxeff.pergrad.chunks import replicated_like
 
 __all__ = [
@@ -52,10 +54,10 @@ class ClusterSums(NamedTuple):
     """
 
     counts: jax.Array
-    factor_sums: dict
+    factor_sums: dict[str, tuple[jax.Array, ...]]
     distortion: jax.Array
     far_distance: jax.Array
-    far_factors: dict
+    far_factors: dict[str, tuple[jax.Array, ...]]
 
 
 def empty_sums(state: ClusterState) -> ClusterSums:
@@ -72,7 +74,12 @@ def empty_sums(state: ClusterState) -> ClusterSums:
 
 
 def cluster_sums(
-    state: ClusterState, stats, assignments: jax.Array, dist: jax.Array, *, mask=None
+    state: ClusterState,
+    stats: PerExampleStats,
+    assignments: jax.Array,
+    dist: jax.Array,
+    *,
+    mask: ArrayLike | None = None,
 ) -> ClusterSums:
     """The :class:`ClusterSums` of one batch.
 
@@ -89,7 +96,9 @@ def cluster_sums(
     return member_sums(state, stats, _members(assignments, state.sizes.shape[0], mask), dist)
 
 
-def member_sums(state: ClusterState, stats, members: jax.Array, dist: jax.Array) -> ClusterSums:
+def member_sums(
+    state: ClusterState, stats: PerExampleStats, members: jax.Array, dist: jax.Array
+) -> ClusterSums:
     """:func:`cluster_sums` with the clusters given as ``(B, K)`` bool members, ``members[i, k]``
     true iff example ``i`` is a (valid) member of cluster ``k``
     (:func:`jaxeff.clustering.centres.assign_members`)."""
@@ -137,7 +146,10 @@ def add_sums(a: ClusterSums, b: ClusterSums) -> ClusterSums:
     )
 
 
-def check_min_fraction(min_fraction, *, static: bool = False):
+_T = TypeVar("_T")
+
+
+def check_min_fraction(min_fraction: _T, *, static: bool = False) -> _T:
     """Refuses a ``min_fraction`` outside ``[0, 1)`` (NaN included), naming it.
 
     ``static``: it will be a Python number (a static argument), so a traced one is refused
@@ -147,8 +159,12 @@ def check_min_fraction(min_fraction, *, static: bool = False):
 
 
 def split_small_clusters(
-    centres: dict, sizes: jax.Array, sums: ClusterSums, *, min_fraction: float
-) -> tuple[dict, jax.Array]:
+    centres: dict[str, tuple[jax.Array, ...]],
+    sizes: jax.Array,
+    sums: ClusterSums,
+    *,
+    min_fraction: float,
+) -> tuple[dict[str, tuple[jax.Array, ...]], jax.Array]:
     r"""Moves every cluster smaller than ``min_fraction · Σ_k N_k`` into a split of a large one.
 
     Clusters are taken in order; each small cluster ``k`` takes the not yet split cluster

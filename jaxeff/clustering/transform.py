@@ -14,8 +14,10 @@ Learning", https://arxiv.org/abs/2007.04532.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
+import chex
 import jax
 import jax.numpy as jnp
 import optax
@@ -52,14 +54,14 @@ class GradientClusteringState(NamedTuple):
 
 
 def gradient_clustering(
-    loss_fn,
-    batch,
+    loss_fn: Callable[[Any, Any], jax.Array],
+    batch: chex.ArrayTree,
     *,
     num_clusters: int,
     decay: float = 0.9,
     min_fraction: float = 0.0,
     reinit_every: int = 0,
-    leaves=None,
+    leaves: str | Sequence[str] | None = None,
     seed: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Clusters the examples of each step by gradient; the updates pass through unchanged.
@@ -108,8 +110,7 @@ def gradient_clustering(
             f"`batch` must hold at least `num_clusters` ({num_clusters}) examples, got "
             f"{batch_size}."
         )
-    options = dict(decay=decay, min_fraction=min_fraction, reinit_every=reinit_every)
-    check_online_options(**options)
+    check_online_options(decay=decay, min_fraction=min_fraction, reinit_every=reinit_every)
     batch_shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), x.dtype), batch)
 
     def init_fn(params):
@@ -158,7 +159,9 @@ def gradient_clustering(
         seeded = jax.lax.cond(first, seeds, no_seeds, None)
         assignments, members, dist = assign_members(clusters, stats)
         sums = member_sums(clusters, stats, jnp.where(first, seeded, members), dist)
-        moved = apply_sums(clusters, sums, **options)
+        moved = apply_sums(
+            clusters, sums, decay=decay, min_fraction=min_fraction, reinit_every=reinit_every
+        )
         seeded_clusters = ClusterState(
             sums.factor_sums,
             jnp.full((num_clusters,), batch_size / num_clusters, jnp.float32),
