@@ -28,7 +28,6 @@ NOT_YET = {
     "models",
     "pergrad",
     "privacy",
-    "robust",
     "train",
 }
 

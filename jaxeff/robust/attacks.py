@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.typing import ArrayLike
 
 from jaxeff.robust.norms import check_norm, maximizing_direction, norm, top_k_direction
 from jaxeff.robust.projections import check_eps, project
@@ -427,18 +428,18 @@ def _check_clip(clip, x):
 
 
 def pgd_attack(
-    apply_fn,
-    x,
-    y,
+    apply_fn: nnx.Module | Callable[[jax.Array], jax.Array],
+    x: ArrayLike,
+    y: ArrayLike,
     *,
-    eps,
-    p,
+    eps: ArrayLike,
+    p: float | str,
     steps: int,
-    step_size,
+    step_size: ArrayLike,
     restarts: int = 1,
-    key=None,
-    loss: str | Callable = "cross_entropy",
-    clip=None,
+    key: jax.Array | None = None,
+    loss: str | Callable[[jax.Array, jax.Array], jax.Array] = "cross_entropy",
+    clip: tuple[ArrayLike, ArrayLike] | None = None,
     targeted: bool = False,
     top_k: int = 1,
     unroll: bool | None = None,

@@ -18,7 +18,11 @@ on real signals.
 
 from __future__ import annotations
 
+from typing import Any
+
+import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
 
 __all__ = ["dft", "fourier_axes", "idft"]
 
@@ -50,7 +54,7 @@ def fourier_axes(example_ndim: int) -> tuple[int, ...]:
     )
 
 
-def _check_batch_dims(x, batch_dims, name):
+def _check_batch_dims(x: ArrayLike, batch_dims: Any, name: str) -> None:
     if isinstance(batch_dims, bool) or not isinstance(batch_dims, int):
         raise ValueError(f"`batch_dims` must be a non-negative integer, got {batch_dims!r}.")
     if not 0 <= batch_dims <= jnp.ndim(x):
@@ -60,7 +64,7 @@ def _check_batch_dims(x, batch_dims, name):
         )
 
 
-def dft(x, *, batch_dims: int = 0):
+def dft(x: ArrayLike, *, batch_dims: int = 0) -> jax.Array:
     """Orthonormal DFT of each example of ``x`` (see the module's axis convention).
 
     .. math::
@@ -96,7 +100,7 @@ def dft(x, *, batch_dims: int = 0):
     return jnp.fft.fft2(x, axes=axes, norm="ortho")
 
 
-def idft(coefficients, *, batch_dims: int = 0):
+def idft(coefficients: ArrayLike, *, batch_dims: int = 0) -> jax.Array:
     """Inverse of :func:`dft`, keeping the real part.
 
     For the transform of a real signal, or any Hermitian-symmetric set of coefficients,

@@ -39,6 +39,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import ArrayLike
 
 from jaxeff.robust.norms import check_norm, dual_exponent, maximizing_direction, norm, replicated
 from jaxeff.robust.projections import check_eps
@@ -166,7 +167,15 @@ def _eps_values(eps):
     return jnp.asarray(eps)
 
 
-def robust_margin(w, x, y, *, eps, p, b=0.0):
+def robust_margin(
+    w: ArrayLike,
+    x: ArrayLike,
+    y: ArrayLike,
+    *,
+    eps: ArrayLike,
+    p: float | str,
+    b: ArrayLike = 0.0,
+) -> jax.Array:
     """Each point's exact worst-case margin under ``||δ||_p <= ε``.
 
     .. math::
@@ -215,7 +224,15 @@ def _robust_margin(w, x, y, b, eps, p, kind):
     return jnp.min(worst, axis=-1)
 
 
-def robust_accuracy(w, x, y, *, eps, p, b=0.0):
+def robust_accuracy(
+    w: ArrayLike,
+    x: ArrayLike,
+    y: ArrayLike,
+    *,
+    eps: ArrayLike,
+    p: float | str,
+    b: ArrayLike = 0.0,
+) -> jax.Array:
     """Exact accuracy under the worst perturbation ``||δ||_p <= ε`` of each point.
 
     ``mean_i [m_i(ε) > 0]`` with the robust margin of :func:`robust_margin`; a vector of
@@ -250,7 +267,15 @@ def _robust_accuracy(w, x, y, b, eps, p, kind):
     return jnp.mean(_robust_margin(w, x, y, b, eps, p, kind) > 0, axis=-1)
 
 
-def worst_case_perturbation(w, x, y, *, eps, p, b=0.0):
+def worst_case_perturbation(
+    w: ArrayLike,
+    x: ArrayLike,
+    y: ArrayLike,
+    *,
+    eps: ArrayLike,
+    p: float | str,
+    b: ArrayLike = 0.0,
+) -> jax.Array:
     """The perturbation ``||δ||_p <= ε`` of each point that minimises its margin.
 
     .. math::
@@ -301,7 +326,9 @@ def _worst_case_perturbation(w, x, y, b, eps, p, kind):
     return (-eps * maximizing_direction(difference, p, batch_dims=1)).astype(x.dtype)
 
 
-def certified_radius(w, x, y, *, p, b=0.0):
+def certified_radius(
+    w: ArrayLike, x: ArrayLike, y: ArrayLike, *, p: float | str, b: ArrayLike = 0.0
+) -> jax.Array:
     """Each point's exact robust radius: the ``ε`` at which its robust margin reaches 0.
 
     .. math::
@@ -345,7 +372,15 @@ def _certified_radius(w, x, y, b, p, kind):
     return jnp.min(jnp.where(pairs.valid, ratio, jnp.inf), axis=-1)
 
 
-def max_eps_at_accuracy(w, x, y, *, accuracy, p, b=0.0):
+def max_eps_at_accuracy(
+    w: ArrayLike,
+    x: ArrayLike,
+    y: ArrayLike,
+    *,
+    accuracy: ArrayLike,
+    p: float | str,
+    b: ArrayLike = 0.0,
+) -> jax.Array:
     """The largest radius ``ε`` at which the robust accuracy is still ``>= accuracy``.
 
     Robust accuracy at ``ε`` is the fraction of points with certified radius ``r_i > ε``
@@ -389,7 +424,9 @@ def max_eps_at_accuracy(w, x, y, *, accuracy, p, b=0.0):
     return jnp.where(k == 0, math.inf, ordered[np.maximum(k, 1) - 1])
 
 
-def normalized_margin(w, x, y, *, norm, b=0.0):
+def normalized_margin(
+    w: ArrayLike, x: ArrayLike, y: ArrayLike, *, norm: float | str, b: ArrayLike = 0.0
+) -> jax.Array:
     """The smallest margin of the data measured in the norm on the weights.
 
     .. math::

@@ -20,6 +20,7 @@ import warnings
 from typing import NamedTuple
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from jaxeff._extras import require
 from jaxeff.robust.fourier import fourier_axes
@@ -88,7 +89,7 @@ def _objective(w, q, example_shape):
     return cp.pnorm(w, q)
 
 
-def _check_data(x, y, bias):
+def _check_data(x: ArrayLike, y: ArrayLike, bias: bool) -> tuple[np.ndarray, np.ndarray]:
     x = np.asarray(x, dtype=np.float64)
     if x.ndim < 2 or x.shape[0] == 0:
         raise ValueError(f"`x` must be a non-empty (n, ...) batch of points, got shape {x.shape}.")
@@ -109,7 +110,9 @@ def _check_data(x, y, bias):
     return x, y.astype(np.float64)
 
 
-def max_margin(x, y, *, norm, bias: bool = False, solver: str | None = None):
+def max_margin(
+    x: ArrayLike, y: ArrayLike, *, norm: float | str, bias: bool = False, solver: str | None = None
+) -> MaxMarginSolution:
     """The max-margin linear classifier of separable data in the weight norm ``norm``.
 
     .. math::
@@ -157,8 +160,8 @@ def max_margin(x, y, *, norm, bias: bool = False, solver: str | None = None):
         fourier_axes(len(example_shape))
     features = x.reshape(x.shape[0], -1)
     w = cp.Variable(features.shape[1])
-    b = cp.Variable() if bias else 0.0
-    constraints = [cp.multiply(y, features @ w + b) >= 1]
+    b = cp.Variable() if bias else None
+    constraints = [cp.multiply(y, features @ w + (0.0 if b is None else b)) >= 1]
     problem = cp.Problem(cp.Minimize(_objective(w, q, example_shape)), constraints)
     lp = not isinstance(q, str) and q in (1.0, math.inf)
     chosen = solver or (_LP_SOLVER if lp else _CONE_SOLVER)
@@ -182,5 +185,5 @@ def max_margin(x, y, *, norm, bias: bool = False, solver: str | None = None):
         )
     weights = np.asarray(w.value, dtype=np.float64)
     margin = 1.0 / _weight_norm(weights, q, example_shape)
-    bias_value = float(b.value) if bias else 0.0
+    bias_value = 0.0 if b is None else float(b.value)
     return MaxMarginSolution(weights.reshape(example_shape), bias_value, margin)

@@ -23,11 +23,13 @@ from __future__ import annotations
 import functools
 import math
 import numbers
+from typing import Any, overload
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
+from jax.typing import ArrayLike
 
 from jaxeff.robust.fourier import _check_batch_dims, dft, idft
 
@@ -37,7 +39,7 @@ FOURIER_NORMS = ("fourier_1", "fourier_inf")
 _FOURIER_EXPONENT = {"fourier_1": 1.0, "fourier_inf": math.inf}
 
 
-def check_norm(p, name: str = "p"):
+def check_norm(p: Any, name: str = "p") -> float | str:
     """The canonical form of a norm name: a float ``>= 1`` (``inf`` included) or a string.
 
     Args:
@@ -70,7 +72,11 @@ def check_norm(p, name: str = "p"):
     return float(p)
 
 
-def dual_exponent(p):
+@overload
+def dual_exponent(p: str) -> str: ...
+@overload
+def dual_exponent(p: float) -> float: ...
+def dual_exponent(p: float | str) -> float | str:
     """The dual of the norm named ``p``: ``q`` with ``1/p + 1/q = 1``.
 
     ``1 ↔ inf``, ``2 ↔ 2``, ``p ↔ p / (p - 1)``, ``"fourier_1" ↔ "fourier_inf"``.
@@ -116,7 +122,7 @@ def _safe_divide(a, b):
     return jnp.where(positive, a / jnp.where(positive, b, 1), 0)
 
 
-def vector_norm(v, p: float):
+def vector_norm(v: jax.Array, p: float) -> jax.Array:
     """Lp norm over the last axis of a real or complex ``v``, for a canonical float ``p``."""
     a = jnp.abs(v)
     if p == 1:
@@ -130,14 +136,14 @@ def vector_norm(v, p: float):
     return scale[..., 0] * jnp.sum(ratio**p, axis=-1) ** (1 / p)
 
 
-def phase(v):
+def phase(v: jax.Array) -> jax.Array:
     """``v / |v|`` elementwise (``sign`` for real arrays), 0 where ``v`` is 0."""
     if jnp.iscomplexobj(v):
         return _safe_divide(v, jnp.abs(v))
     return jnp.sign(v)
 
 
-def replicated(a):
+def replicated(a: jax.Array) -> jax.Array:
     """``a`` gathered onto every device when it is sharded over an explicit-axes mesh, where
     operations along a sharded axis (sort, top-k, FFT) are type errors; otherwise ``a``."""
     sharding = jax.typeof(a).sharding
@@ -146,7 +152,7 @@ def replicated(a):
     return a
 
 
-def top_k_direction(v, k: int):
+def top_k_direction(v: jax.Array, k: int) -> jax.Array:
     """``argmax <v, d>`` over ``max(||d||_∞, ||d||_1 / k) <= 1``: the phase of ``v`` on its
     ``k`` largest-magnitude coordinates (last axis), 0 elsewhere. ``k = 1`` is the L1 ball."""
     n = v.shape[-1]
@@ -161,7 +167,7 @@ def top_k_direction(v, k: int):
     return jnp.where(mask.reshape(v.shape), phase(v), 0)
 
 
-def vector_direction(v, p: float):
+def vector_direction(v: jax.Array, p: float) -> jax.Array:
     """``argmax_{||d||_p <= 1} Re <v, d>`` over the last axis, for a canonical float ``p``."""
     if p == 1:
         return top_k_direction(v, 1)
@@ -174,7 +180,7 @@ def vector_direction(v, p: float):
     return phase(v) * ratio ** (q - 1)
 
 
-def norm(x, p, *, batch_dims: int = 0):
+def norm(x: ArrayLike, p: float | str, *, batch_dims: int = 0) -> jax.Array:
     """The norm named ``p`` of each example of ``x``.
 
     .. math::
@@ -216,7 +222,7 @@ def _norm(x, p, batch_dims):
     return vector_norm(v, exponent)
 
 
-def dual_norm(x, p, *, batch_dims: int = 0):
+def dual_norm(x: ArrayLike, p: float | str, *, batch_dims: int = 0) -> jax.Array:
     """The dual of the norm named ``p``: ``norm(x, dual_exponent(p))``.
 
     .. math::
@@ -246,7 +252,7 @@ def dual_norm(x, p, *, batch_dims: int = 0):
     return norm(x, dual_exponent(p), batch_dims=batch_dims)
 
 
-def maximizing_direction(g, p, *, batch_dims: int = 0):
+def maximizing_direction(g: ArrayLike, p: float | str, *, batch_dims: int = 0) -> jax.Array:
     """The unit vector of the norm named ``p`` most aligned with ``g``.
 
     .. math::

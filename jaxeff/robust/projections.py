@@ -8,6 +8,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import ArrayLike
 
 from jaxeff.robust.fourier import _check_batch_dims, dft, idft
 from jaxeff.robust.norms import _FOURIER_EXPONENT, check_norm, phase, vector_norm
@@ -22,7 +23,7 @@ _BISECTION_STEPS = 48
 _TINY = 1e-20
 
 
-def check_eps(eps, name: str = "eps"):
+def check_eps(eps: ArrayLike, name: str = "eps") -> None:
     """Refuses a known negative or NaN radius; traced values pass unchecked."""
     if isinstance(eps, jax.core.Tracer):
         return
@@ -114,7 +115,7 @@ def _project(x, radius, p, batch_dims):
     return out.reshape(x.shape).astype(x.dtype)
 
 
-def project(x, p, eps, *, batch_dims: int = 0):
+def project(x: ArrayLike, p: float | str, eps: ArrayLike, *, batch_dims: int = 0) -> jax.Array:
     """Euclidean projection of each example of ``x`` onto the ball ``||δ|| <= eps``.
 
     .. math::

@@ -15,6 +15,7 @@ import numbers
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import ArrayLike
 
 from jaxeff.robust.norms import check_norm, dual_exponent
 from jaxeff.robust.projections import project
@@ -143,7 +144,14 @@ def _path(x, y, log_lambdas, *, norm, steps_per_lambda):
     return jax.lax.scan(solve, (w, base), log_lambdas)[1]
 
 
-def regularization_path(x, y, *, norm, log_lambdas, steps_per_lambda: int = 60):
+def regularization_path(
+    x: ArrayLike,
+    y: ArrayLike,
+    *,
+    norm: float | str,
+    log_lambdas: ArrayLike,
+    steps_per_lambda: int = 60,
+) -> jax.Array:
     """Minimisers of the logistic loss plus ``λ ||w||_q`` along a decreasing path of ``λ``.
 
     .. math::

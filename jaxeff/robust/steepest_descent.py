@@ -27,6 +27,7 @@ import functools
 import math
 import numbers
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -67,7 +68,9 @@ def _safe_divide(a, b):
     return jnp.where(positive, a / jnp.where(positive, b, 1), 0)
 
 
-def _leaf_steps(parts, exponent, top_k):
+def _leaf_steps(
+    parts: list[jax.Array], exponent: float, top_k: int | None
+) -> tuple[list[jax.Array], jax.Array | float]:
     """Per-leaf ``d*(g)`` and the global ``||g||_*`` of the vector made of all leaves.
 
     Computed leaf by leaf, with only scalar reductions crossing leaves, so each piece keeps
@@ -104,13 +107,15 @@ def _leaf_steps(parts, exponent, top_k):
 
 
 @functools.partial(jax.jit, static_argnames=("norm", "normalize", "top_k"))
-def steepest_step(tree, norm, *, normalize: bool = False, top_k: int | None = None):
+def steepest_step(
+    tree: chex.ArrayTree, norm: float | str, *, normalize: bool = False, top_k: int | None = None
+) -> chex.ArrayTree:
     """``||g||_* d*(g)`` (or ``d*(g)`` normalised) for a pytree ``g``, a canonical norm."""
     leaves, treedef = jax.tree.flatten(tree)
     if not leaves:
         return tree
     fourier = isinstance(norm, str)
-    exponent = _FOURIER_EXPONENT[norm] if fourier else norm
+    exponent = _FOURIER_EXPONENT[norm] if isinstance(norm, str) else norm
     parts = [dft(replicated(leaf)) if fourier else jnp.asarray(leaf) for leaf in leaves]
     directions, scale = _leaf_steps(parts, exponent, top_k)
     out = []
@@ -124,7 +129,7 @@ def steepest_step(tree, norm, *, normalize: bool = False, top_k: int | None = No
 
 
 def scale_by_steepest_descent(
-    norm, *, normalize: bool = False, top_k: int | None = None
+    norm: float | str, *, normalize: bool = False, top_k: int | None = None
 ) -> optax.GradientTransformationExtraArgs:
     """Replaces the gradient by the steepest-ascent step in a norm (before the learning rate).
 
@@ -205,10 +210,10 @@ def default_linesearch() -> optax.GradientTransformationExtraArgs:
 def steepest_descent(
     learning_rate: optax.ScalarOrSchedule,
     *,
-    norm,
+    norm: float | str,
     normalize: bool = False,
     top_k: int | None = None,
-    linesearch=False,
+    linesearch: bool | optax.GradientTransformation = False,
 ) -> optax.GradientTransformationExtraArgs:
     """Steepest descent in a norm: gradient, coordinate, sign descent and their kin.
 
