@@ -13,10 +13,14 @@ from __future__ import annotations
 
 import math
 import numbers
+from typing import TYPE_CHECKING
 
 from jaxeff._extras import require
 
-dp_accounting = require("dp_accounting", extra="privacy", feature="jaxeff.privacy")
+if TYPE_CHECKING:
+    import dp_accounting
+else:
+    dp_accounting = require("dp_accounting", extra="privacy", feature="jaxeff.privacy")
 
 __all__ = ["ACCOUNTANTS", "dpsgd_event", "dpsgd_epsilon"]
 
@@ -33,7 +37,9 @@ def _check_real(value, name, low, high, *, low_open=True):
     return float(value)
 
 
-def dpsgd_event(*, noise_multiplier: float, sampling_rate: float, steps: int):
+def dpsgd_event(
+    *, noise_multiplier: float, sampling_rate: float, steps: int
+) -> dp_accounting.DpEvent:
     """The ``dp_accounting.DpEvent`` of ``steps`` Poisson-sampled Gaussian steps.
 
     Args:

@@ -46,9 +46,10 @@ from __future__ import annotations
 import functools
 import math
 import numbers
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+import chex
 import jax
 import jax.numpy as jnp
 
@@ -82,7 +83,7 @@ class ClipReport(NamedTuple):
 
     values: jax.Array
     grad_norms: jax.Array
-    group_norms: dict | None
+    group_norms: dict[str, jax.Array] | None
     non_finite: jax.Array
     aux: Any
 
@@ -91,9 +92,10 @@ def _check_norm(value, name: str, allow_inf: bool = False) -> float:
     kind = "a positive number or inf" if allow_inf else "a positive finite number"
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"`{name}` must be {kind}, got {value!r}.")
-    if not (value > 0 and (allow_inf or math.isfinite(value))):  # NaN fails `value > 0`
+    number = float(value)
+    if not (number > 0 and (allow_inf or math.isfinite(number))):  # NaN fails `number > 0`
         raise ValueError(f"`{name}` must be {kind}, got {value!r}.")
-    return float(value)
+    return number
 
 
 def _check_thresholds(l2_clip_norm):
@@ -131,13 +133,14 @@ def _leaf_groups(params, thresholds) -> tuple[list[str], dict[str, float]]:
     if not isinstance(thresholds, tuple):
         return [""] * len(paths), {"": thresholds}
     prefixes = [p for p, _ in thresholds]
-    groups = [_group_of(path, prefixes) for path in paths]
-    missing = [path for path, g in zip(paths, groups, strict=True) if g is None]
+    found = [_group_of(path, prefixes) for path in paths]
+    missing = [path for path, g in zip(paths, found, strict=True) if g is None]
     if missing:
         raise ValueError(
             f"`l2_clip_norm` gives no threshold for the parameters {missing}; add their "
             'prefix, or "" for every parameter not named otherwise.'
         )
+    groups = [g for g in found if g is not None]
     unused = sorted(set(prefixes) - set(groups))
     if unused:
         raise ValueError(
@@ -257,7 +260,7 @@ def clipped_grad(
     rescale_to_unit_norm: bool = False,
     has_aux: bool = False,
     chunk_size: int | None = None,
-    vmap_leaves: tuple = (),
+    vmap_leaves: Sequence[str] = (),
 ) -> BoundedSensitivityCallable:
     """A function of ``(params, batch)`` returning the sum of clipped per-example gradients.
 
@@ -342,7 +345,12 @@ def clipped_grad(
         raise TypeError(f"`has_aux` must be a bool, got {has_aux!r}.")
     vmap_leaves = tuple(vmap_leaves)
 
-    def grad_fn(params, batch, *, is_padding_example=None):
+    def grad_fn(
+        params: chex.ArrayTree,
+        batch: chex.ArrayTree,
+        *,
+        is_padding_example: jax.Array | None = None,
+    ) -> tuple[chex.ArrayTree, ClipReport]:
         size, slow = engine.check_args(loss_fn, params, batch, False, chunk_size, vmap_leaves)
         valid = ~_check_padding(is_padding_example, size)
         groups, by_group = _leaf_groups(params, thresholds)

@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from scipy import stats
@@ -57,7 +57,10 @@ from jaxeff.clustering.samplers import (
 )
 from jaxeff.gvar import Sample
 
-grain = require("grain", extra="privacy", feature="jaxeff.privacy.PoissonSampler")
+if TYPE_CHECKING:
+    import grain
+else:
+    grain = require("grain", extra="privacy", feature="jaxeff.privacy.PoissonSampler")
 
 __all__ = ["PoissonSampler", "padded_batch_size"]
 
