@@ -46,9 +46,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import chex
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -111,10 +112,10 @@ class PerExampleStats:
     total_sq_norms: jax.Array
     sum_sq: Any
     dots: jax.Array | None
-    leaf_dots: dict | None
-    factors: dict | None
-    paths: FrozenDict = flax.struct.field(pytree_node=False)
-    reasons: FrozenDict = flax.struct.field(pytree_node=False)
+    leaf_dots: dict[str, jax.Array] | None
+    factors: dict[str, tuple[jax.Array, ...]] | None
+    paths: FrozenDict[str, str] = flax.struct.field(pytree_node=False)
+    reasons: FrozenDict[str, str] = flax.struct.field(pytree_node=False)
 
 
 def _path_name(path) -> str:
@@ -124,7 +125,7 @@ def _path_name(path) -> str:
     return jax.tree_util.keystr(tuple(keys), simple=True, separator="/")
 
 
-def param_paths(params) -> list[str]:
+def param_paths(params: chex.ArrayTree) -> list[str]:
     """The path of each leaf of ``params``, as ``"layers/0/kernel"`` (the keys of
     ``directions`` and of :attr:`PerExampleStats.paths`)."""
     return [_path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
@@ -189,7 +190,9 @@ def _dense_direction(factors):
     return out
 
 
-def check_directions(params, directions) -> dict:
+def check_directions(
+    params: chex.ArrayTree, directions: Mapping[str, jax.Array | tuple[jax.Array, ...]] | None
+) -> dict[str, tuple[jax.Array, ...]]:
     """``directions`` checked against ``params``' leaves: ``{path: tuple of factors}``.
 
     Args:
@@ -311,6 +314,10 @@ def _leaf_stats(leaf_forms, shape, factors, with_sum_sq, weights, dtype):
     groups, disjoint = _groups(outers)
     f32 = jnp.float32
     dense_dir = None if factors is None else _dense_direction(factors).astype(f32)
+    norms: jax.Array | float
+    sum_sq: jax.Array | float | None
+    dots: jax.Array | float | None
+    grad: jax.Array | float | None
     if denses or not disjoint:  # form g_i
         grads = _per_example(leaf_forms, shape, f32)
         axes = tuple(range(1, grads.ndim))
@@ -324,7 +331,7 @@ def _leaf_stats(leaf_forms, shape, factors, with_sum_sq, weights, dtype):
         )
         return norms, sum_sq, dots, grad
     size = None
-    norms = sum_sq = dots = grad = 0.0
+    norms = sum_sq = dots = grad = 0.0  # sums over the groups and bases below
     for g in groups:
         a, d = g.a.astype(f32), g.delta.astype(f32)
         size = a.shape[0]
@@ -337,8 +344,8 @@ def _leaf_stats(leaf_forms, shape, factors, with_sum_sq, weights, dtype):
             sum_sq = sum_sq + _to_leaf(st.kernel_sum_sq, g.index, shape, f32)
         if weights is not None:
             grad = grad + _to_leaf(st.kernel_grad, g.index, shape, f32)
-        if factors is not None:
-            if direction is not None:
+        if dense_dir is not None:
+            if st.dots is not None:  # the direction splits in this group's layout
                 dots = dots + st.dots
             else:
                 d_rc = dense_dir.reshape(dense_dir.shape[0], -1)[:, g.index]
@@ -348,8 +355,8 @@ def _leaf_stats(leaf_forms, shape, factors, with_sum_sq, weights, dtype):
         basis = jnp.concatenate([b.basis.astype(f32) for b in bases], axis=0)
         size = coeffs.shape[0]
         flat = basis.reshape(basis.shape[0], -1)
-        inner = 0.0  # <O_i, H_j>, (B, m)
-        weighted_outer = 0.0  # Σ_i c_ij O_i, (m, *shape)
+        inner: jax.Array | float = 0.0  # <O_i, H_j>, (B, m)
+        weighted_outer: jax.Array | float = 0.0  # Σ_i c_ij O_i, (m, *shape)
         for g in groups:
             a, d = g.a.astype(f32), g.delta.astype(f32)
             h_rc = flat[:, g.index]
@@ -370,7 +377,7 @@ def _leaf_stats(leaf_forms, shape, factors, with_sum_sq, weights, dtype):
                 sum_sq = sum_sq + 2 * jnp.sum(basis * weighted_outer, axis=0)
         if weights is not None:
             grad = grad + jnp.einsum("b,bm,m...->...", weights, coeffs, basis)
-        if factors is not None:
+        if dense_dir is not None:
             dots = dots + jnp.einsum(
                 "bm,km->kb", coeffs, dense_dir.reshape(dense_dir.shape[0], -1) @ flat.T
             )
@@ -398,7 +405,7 @@ def _zeros(aval, steps):
     shape = (*steps, *aval.shape)
     sharding = getattr(aval, "sharding", None)
     mesh = getattr(sharding, "mesh", None)
-    if mesh is not None and mesh.axis_names and mesh.are_all_axes_explicit:
+    if sharding is not None and mesh is not None and mesh.axis_names and mesh.are_all_axes_explicit:
         spec = PartitionSpec(*([None] * len(steps)), *sharding.spec)
         return jnp.zeros(shape, aval.dtype, out_sharding=NamedSharding(mesh, spec))
     return jnp.zeros(shape, aval.dtype)
@@ -443,7 +450,7 @@ def collect(loss_fn, has_aux, chunk_size, vmap_leaves, params, batch) -> Collect
     padded = size == 1
     if padded:
         batch_leaves = [jnp.concatenate([x, x]) for x in batch_leaves]
-    aux_def = []
+    aux_def: list[jax.tree_util.PyTreeDef] = []
 
     def flat_fn(*args):
         p = jax.tree_util.tree_unflatten(treedef, args[: len(leaves)])
@@ -718,13 +725,13 @@ def check_weights(weights, size):
 
 def per_example_stats(
     loss_fn: Callable[[Any, Any], jax.Array],
-    params,
-    batch,
+    params: chex.ArrayTree,
+    batch: chex.ArrayTree,
     *,
-    directions: Mapping | None = None,
+    directions: Mapping[str, jax.Array | tuple[jax.Array, ...]] | None = None,
     with_sum_sq: bool = True,
     chunk_size: int | None = None,
-    vmap_leaves: tuple = (),
+    vmap_leaves: Sequence[str] = (),
 ) -> PerExampleStats:
     """Squared norms, sums of squares and inner products of every per-example gradient.
 
@@ -778,16 +785,16 @@ def per_example_stats(
 
 def value_grad_and_stats(
     loss_fn: Callable[[Any, Any], Any],
-    params,
-    batch,
+    params: chex.ArrayTree,
+    batch: chex.ArrayTree,
     *,
-    weights=None,
-    directions: Mapping | None = None,
+    weights: jax.Array | None = None,
+    directions: Mapping[str, jax.Array | tuple[jax.Array, ...]] | None = None,
     with_sum_sq: bool = True,
     has_aux: bool = False,
     chunk_size: int | None = None,
-    vmap_leaves: tuple = (),
-):
+    vmap_leaves: Sequence[str] = (),
+) -> tuple[jax.Array | tuple[jax.Array, Any], chex.ArrayTree, PerExampleStats]:
     """The weighted loss ``L = Σ_i w_i ℓ_i``, its gradient and the per-example statistics.
 
     .. math::
@@ -830,7 +837,9 @@ def value_grad_and_stats(
     return ((loss, aux) if has_aux else loss), grads, stats
 
 
-def direction_shapes(loss_fn: Callable, params, batch) -> dict[str, tuple]:
+def direction_shapes(
+    loss_fn: Callable[[Any, Any], jax.Array], params: chex.ArrayTree, batch: chex.ArrayTree
+) -> dict[str, tuple[tuple[int, ...], ...]]:
     """``{path: (S_1, S_2)}`` (or ``(S_1,)``): the factor shapes of each leaf's directions
     for which :func:`per_example_stats`' dots are as cheap as its norms.
 

@@ -358,7 +358,7 @@ def contributions(use: Use, params, record, delta, leaf_values, leaf_shapes):
     grads = _broadcast_grads(use, p_values, record, delta)
     if grads is None:
         grads = _local_grads(use, apply, p_values, record, delta)
-    forms = []
+    forms: list[Basis | Dense] = []
     for k in ordered:
         node, g = use.nodes[k], grads[k]
         leaves = sorted(node.leaves)

@@ -16,18 +16,18 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import chex
 import jax
 import jax.numpy as jnp
 import optax
+from optax.microbatching import AccumulationType
 
 from jaxeff.pergrad.chunks import leading_axis_like, merge_chunks, split_chunks, sum_over_examples
 
 __all__ = ["batch_size_of", "check_chunk_size", "map_per_example_grads", "per_example_grads"]
 
-_Accumulation = optax.microbatching.AccumulationType
 
-
-def batch_size_of(batch, *, name: str = "batch") -> int:
+def batch_size_of(batch: chex.ArrayTree, *, name: str = "batch") -> int:
     """The common leading-axis size ``B`` of every array in ``batch``.
 
     Raises:
@@ -37,9 +37,9 @@ def batch_size_of(batch, *, name: str = "batch") -> int:
     leaves = jax.tree.leaves(batch)
     if not leaves:
         raise ValueError(f"`{name}` must hold at least one array, got {batch!r}.")
-    sizes = {jnp.shape(x)[0] if jnp.ndim(x) else None for x in leaves}
-    if None in sizes:
+    if any(jnp.ndim(x) == 0 for x in leaves):
         raise ValueError(f"`{name}` leaves must have a leading example axis; found a scalar.")
+    sizes = {jnp.shape(x)[0] for x in leaves}
     if len(sizes) != 1:
         shapes = jax.tree.map(jnp.shape, batch)
         raise ValueError(f"`{name}` leaves must share the leading axis size B, got {shapes}.")
@@ -49,7 +49,7 @@ def batch_size_of(batch, *, name: str = "batch") -> int:
     return size
 
 
-def check_chunk_size(chunk_size) -> None:
+def check_chunk_size(chunk_size: int | None) -> None:
     """Raises ``ValueError`` naming ``chunk_size`` unless it is ``None`` or a positive int."""
     if chunk_size is None:
         return
@@ -59,14 +59,14 @@ def check_chunk_size(chunk_size) -> None:
 
 def map_per_example_grads(
     loss_fn: Callable[[Any, Any], jax.Array],
-    params,
-    batch,
+    params: chex.ArrayTree,
+    batch: chex.ArrayTree,
     *,
     chunk_size: int | None = None,
-    transform_fn: Callable = lambda g: g,
-    metrics_fn: Callable = lambda g: None,
-    accumulation: _Accumulation = _Accumulation.CONCAT,
-):
+    transform_fn: Callable[[Any], Any] = lambda g: g,
+    metrics_fn: Callable[[Any], Any] = lambda g: None,
+    accumulation: AccumulationType = AccumulationType.CONCAT,
+) -> tuple[Any, jax.Array, Any]:
     """Per-example gradients, transformed and accumulated, via ``optax.microbatching.micro_grad``.
 
     For ``g_i = ∇_θ loss_fn(θ, example_i)`` returns ``acc_i transform_fn(g_i)`` (``acc``
@@ -88,7 +88,7 @@ def map_per_example_grads(
       ``(accumulated, losses, metrics)``; ``losses`` is ``(B,)``.
     """
     check_chunk_size(chunk_size)
-    if accumulation not in (_Accumulation.CONCAT, _Accumulation.SUM):
+    if accumulation not in (AccumulationType.CONCAT, AccumulationType.SUM):
         raise ValueError(f"`accumulation` must be CONCAT or SUM, got {accumulation!r}.")
     size = batch_size_of(batch)
     chunk = size if chunk_size is None else min(chunk_size, size)
@@ -114,11 +114,11 @@ def map_per_example_grads(
         argnums=0,
         batch_argnums=1,
         keep_batch_dim=False,
-        accumulator=_Accumulation.CONCAT,
+        accumulator=AccumulationType.CONCAT,
         transform_fn=transform_fn,
         metrics_fn=metrics_fn,
     )
-    if accumulation == _Accumulation.SUM:
+    if accumulation == AccumulationType.SUM:
         per_chunk = grad_fn
 
         def grad_fn(params, chunk_batch):
@@ -130,7 +130,7 @@ def map_per_example_grads(
         accumulated, aux = grad_fn(params, (batch, weights))
     else:
         chunks = jax.tree.map(lambda x: split_chunks(x, num_chunks), (batch, weights))
-        if accumulation == _Accumulation.SUM:
+        if accumulation == AccumulationType.SUM:
             first = jax.tree.map(lambda x: x[0], chunks)
             zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(grad_fn, params, first)[0])
 
@@ -144,12 +144,18 @@ def map_per_example_grads(
             accumulated = jax.tree.map(merge_chunks, accumulated)
         aux = jax.tree.map(merge_chunks, aux)
     real = lambda x: x[:size]
-    if accumulation == _Accumulation.CONCAT:
+    if accumulation == AccumulationType.CONCAT:
         accumulated = jax.tree.map(real, accumulated)
     return accumulated, real(aux.values), jax.tree.map(real, aux.metrics)
 
 
-def per_example_grads(loss_fn, params, batch, *, chunk_size: int | None = None):
+def per_example_grads(
+    loss_fn: Callable[[Any, Any], jax.Array],
+    params: chex.ArrayTree,
+    batch: chex.ArrayTree,
+    *,
+    chunk_size: int | None = None,
+) -> chex.ArrayTree:
     """Gradient of the loss of each example of a batch, by ``vmap(grad)`` in chunks.
 
     .. math::

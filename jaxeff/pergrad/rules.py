@@ -196,7 +196,13 @@ def _outer_chunk(a, delta, grad_weights, *, with_sum_sq: bool, direction=None):
 
 
 def layer_stats(
-    a, delta, *, use_bias: bool, with_sum_sq: bool, direction=None, grad_weights=None
+    a: jax.Array,
+    delta: jax.Array,
+    *,
+    use_bias: bool,
+    with_sum_sq: bool,
+    direction: tuple[jax.Array, jax.Array] | None = None,
+    grad_weights: jax.Array | float | None = None,
 ) -> LayerStats:
     """Squared norms, sums of squares and rank-1 inner products of a layer's per-example gradients.
 
@@ -280,7 +286,7 @@ def layer_stats(
             bias_grad = _weighted_example_sum(bias_grads, w)
 
     if direction is not None:
-        if dots_from_grads:
+        if dots is not None:  # from the explicit G_i (`dots_from_grads`)
             dots = dots.T
         else:
             a_proj = jnp.einsum("bti,ki->kbt", a, v)
@@ -304,7 +310,14 @@ def _conv_pads(spatial, kernel_size, strides, padding, kernel_dilation):
     return "constant", list(padding)
 
 
-def conv_patches(x, *, kernel_size, strides, padding, kernel_dilation):
+def conv_patches(
+    x: jax.Array,
+    *,
+    kernel_size: tuple[int, ...],
+    strides: tuple[int, ...],
+    padding: str | tuple[tuple[int, int], ...],
+    kernel_dilation: tuple[int, ...],
+) -> jax.Array:
     """Unfolds the input of an ``nnx.Conv`` (``feature_group_count = 1``, no input dilation).
 
     Pads the input as the layer does, then takes one strided slice per kernel offset,

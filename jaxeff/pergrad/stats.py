@@ -16,6 +16,7 @@ import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import chex
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -85,7 +86,8 @@ def _one_pass(
             raise ValueError(
                 f"`loss_fn` must return floating-point losses, got {jnp.result_type(losses)}."
             )
-        return losses, (aux, nnx.split(model, nnx.Param, ...)[2])
+        # nnx.split's stubs give two filters a result of length 2 or more, not 3.
+        return losses, (aux, nnx.split(model, nnx.Param, ...)[2])  # type: ignore[misc]
 
     stats, (aux, new_rest), grads = engine.one_pass(
         flat_loss, True, with_sum_sq, chunk_size, (), params, batch, weights, directions
@@ -135,9 +137,9 @@ def _check_common(model, loss_fn, batch, with_sum_sq, chunk_size) -> int:
 def per_example_stats(
     model: nnx.Module,
     loss_fn: Callable[[nnx.Module, Any], jax.Array],
-    batch,
+    batch: chex.ArrayTree,
     *,
-    directions: Mapping | None = None,
+    directions: Mapping[str, jax.Array | tuple[jax.Array, ...]] | None = None,
     with_sum_sq: bool = True,
     chunk_size: int | None = None,
 ) -> PerExampleStats:
@@ -199,7 +201,8 @@ def per_example_stats(
       stats.paths                       # {"fc1/kernel": "fast", ...}
     """
     _check_common(model, loss_fn, batch, with_sum_sq, chunk_size)
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    # nnx.split's stubs give two filters a result of length 2 or more, not 3.
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)  # type: ignore[misc]
     return _call_jitted(
         _stats_only_jit,
         _stats_only,
@@ -218,14 +221,14 @@ def per_example_stats(
 def value_grad_and_stats(
     model: nnx.Module,
     loss_fn: Callable[[nnx.Module, Any], Any],
-    batch,
+    batch: chex.ArrayTree,
     *,
-    weights=None,
-    directions: Mapping | None = None,
+    weights: jax.Array | None = None,
+    directions: Mapping[str, jax.Array | tuple[jax.Array, ...]] | None = None,
     with_sum_sq: bool = True,
     has_aux: bool = False,
     chunk_size: int | None = None,
-):
+) -> tuple[jax.Array | tuple[jax.Array, Any], nnx.State, PerExampleStats]:
     """The weighted loss, its gradient and the per-example statistics, from one pass.
 
     The batch loss is the weighted sum of the per-example losses, and its gradient is
@@ -291,7 +294,8 @@ def value_grad_and_stats(
     if not isinstance(has_aux, bool):
         raise TypeError(f"`has_aux` must be a bool, got {has_aux!r}.")
     weights = engine.check_weights(weights, size)  # None: 1/B each
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    # nnx.split's stubs give two filters a result of length 2 or more, not 3.
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)  # type: ignore[misc]
     loss, aux, new_rest, grads, stats = _call_jitted(
         _value_grad_and_stats_jit,
         _value_grad_and_stats,

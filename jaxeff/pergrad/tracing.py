@@ -146,7 +146,7 @@ class Use:
       where: the source line that wrote it.
     """
 
-    key: int
+    key: tuple[int, ...]
     eqn: Any
     nodes: dict
     axes: tuple
@@ -235,9 +235,9 @@ class _Reader:
 
     def __init__(self, num_params: int):
         self.num_params = num_params
-        self.uses: dict[int, Use] = {}
+        self.uses: dict[tuple[int, ...], Use] = {}
         self.opaque: dict[int, str] = {}
-        self.modes: dict[int, str] = {}
+        self.modes: dict[tuple[int, ...], str] = {}
         self.stack: list = []  # calls and scans around the equation being read
 
     # -- errors -----------------------------------------------------------------------
@@ -507,7 +507,7 @@ def _check_primitive(reader, eqn, infos, outs):
     name = eqn.primitive.name
     xs = [(k, info) for k, info in enumerate(infos) if info.kind == X]
     params = eqn.params
-    out = outs[0] if outs else None
+    out = outs[0]  # a live equation has a result
     shapes = [tuple(getattr(v.aval, "shape", ())) for v in eqn.invars]
     couple = reader.couple
     if not xs:  # batch-shaped constants
@@ -628,12 +628,12 @@ def _check_indexing(reader, eqn, infos, shapes):
         e = operand.axis
         batching = tuple(getattr(dnums, "operand_batching_dims", ()))
         index_map = tuple(
-            getattr(dnums, "start_index_map", None)
+            getattr(dnums, "start_index_map", ())
             or getattr(dnums, "scatter_dims_to_operand_dims", ())
         )
         if e in batching:
             ib = tuple(
-                getattr(dnums, "start_indices_batching_dims", None)
+                getattr(dnums, "start_indices_batching_dims", ())
                 or getattr(dnums, "scatter_indices_batching_dims", ())
             )
             if indices.kind == X and ib[batching.index(e)] != indices.axis:
