@@ -27,7 +27,6 @@ NOT_YET = {
     "data",
     "models",
     "pergrad",
-    "train",
 }
 
 

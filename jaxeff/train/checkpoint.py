@@ -28,17 +28,24 @@ import json
 import logging as std_logging
 import math
 import os
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Self
 
+import chex
 import jax
 import numpy as np
 from etils import epath
 
 from jaxeff._extras import require
 
-ocp = require("orbax.checkpoint", extra="train", feature="jaxeff.train")
-policies = ocp.checkpoint_managers.preservation_policy
+if TYPE_CHECKING:
+    import orbax.checkpoint as ocp
+    from orbax.checkpoint.checkpoint_managers import preservation_policy as policies
+
+    from jaxeff.train.metrics import MetricWriter
+else:
+    ocp = require("orbax.checkpoint", extra="train", feature="jaxeff.train")
+    policies = ocp.checkpoint_managers.preservation_policy
 
 __all__ = ["CheckpointWriteError", "Checkpointer", "abstract_like", "finish_saves_on_error"]
 
@@ -52,14 +59,14 @@ class CheckpointWriteError(OSError):
 class _DropUntrackedMetricWarning(std_logging.Filter):
     """Saves between evaluations have no metrics by design; orbax warns about each one."""
 
-    def filter(self, record):
+    def filter(self, record: std_logging.LogRecord) -> bool:
         return "Requested `tracked_metric`" not in str(record.msg)
 
 
 std_logging.getLogger("absl").addFilter(_DropUntrackedMetricWarning())
 
 
-def abstract_like(tree):
+def abstract_like(tree: chex.ArrayTree) -> chex.ArrayTree:
     """Shape/dtype/sharding-only version of a pytree, the target of a restore.
 
     Args:
@@ -91,7 +98,7 @@ def _scalar_floats(metrics: Mapping[str, Any]) -> dict[str, float]:
     return out
 
 
-def _as_path(directory) -> epath.Path:
+def _as_path(directory: str | os.PathLike[str]) -> epath.Path:
     text = os.fspath(directory)
     if "://" not in text:
         text = os.path.abspath(text)
@@ -127,7 +134,7 @@ class Checkpointer:
 
     def __init__(
         self,
-        directory,
+        directory: str | os.PathLike[str],
         *,
         best_metric: str | None = None,
         best_mode: str = "max",
@@ -178,6 +185,7 @@ class Checkpointer:
     # -- queries -----------------------------------------------------------------------
     def _rank_value(self, metrics: Mapping[str, float]) -> float:
         """Larger is better (orbax keeps the last of an ascending sort; ties: later step)."""
+        assert self.best_metric is not None  # only ranked with a best_metric
         value = float(metrics[self.best_metric])
         return value if self.best_mode == "max" else -value
 
@@ -210,8 +218,8 @@ class Checkpointer:
     # -- save / restore ----------------------------------------------------------------
     def save(
         self,
-        step: int,
-        state,
+        step: int | jax.Array,
+        state: chex.ArrayTree,
         *,
         extra: Mapping[str, Any] | None = None,
         metrics: Mapping[str, Any] | None = None,
@@ -261,7 +269,9 @@ class Checkpointer:
         self._best_values = sorted(self._best_values)[-self._keep_best :]
         return any(s == step for _, s in self._best_values)
 
-    def restore(self, target, *, which: str = "latest", step: int | None = None):
+    def restore(
+        self, target: chex.ArrayTree, *, which: str = "latest", step: int | None = None
+    ) -> tuple[chex.ArrayTree, dict[str, Any]]:
         """Restores a checkpoint into the structure, dtypes and shardings of ``target``.
 
         Args:
@@ -321,15 +331,15 @@ class Checkpointer:
         with _named_failures(self.directory):
             self._manager.close()
 
-    def __enter__(self):
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
 
 @contextlib.contextmanager
-def _named_failures(directory):
+def _named_failures(directory: epath.Path) -> Iterator[None]:
     """Re-raises a failed checkpoint write as a :class:`CheckpointWriteError` naming the path."""
     try:
         yield
@@ -343,11 +353,11 @@ def _named_failures(directory):
 
 
 @contextlib.contextmanager
-def finish_saves_on_error(ckpt: Checkpointer, writer=None):
+def finish_saves_on_error(ckpt: Checkpointer, writer: MetricWriter | None = None) -> Iterator[None]:
     """On an error, lets the checkpoints being written commit, then re-raises.
 
     Wrap a training loop in it so that a crash (an exception, KeyboardInterrupt) keeps
-    every checkpoint it had started writing, and closes ``writer`` (e.g. a
+    every checkpoint it had started writing, and closes ``writer`` (a
     :class:`jaxeff.train.MetricWriter`). A failed write is reported once, by the error
     already being raised.
     """

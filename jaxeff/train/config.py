@@ -15,19 +15,25 @@ import math
 import numbers
 import os
 from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any
 
 import jax
 
 from jaxeff._extras import require
 
-ml_collections = require("ml_collections", extra="train", feature="jaxeff.train")
+if TYPE_CHECKING:
+    import ml_collections
+else:
+    ml_collections = require("ml_collections", extra="train", feature="jaxeff.train")
 
 __all__ = ["bind_config_to_workdir", "check_numbers", "config_differences", "config_to_json"]
 
 CONFIG_FILENAME = "config.json"
 
 
-def config_to_json(config, path=None) -> str:
+def config_to_json(
+    config: ml_collections.ConfigDict | dict[str, Any], path: str | os.PathLike[str] | None = None
+) -> str:
     """Serialises a config to indented JSON, optionally writing it to ``path`` atomically.
 
     Args:
@@ -60,7 +66,7 @@ def config_to_json(config, path=None) -> str:
     return text
 
 
-def _get(config, field: str):
+def _get(config: ml_collections.ConfigDict | Mapping[str, Any], field: str) -> Any:
     node = config
     for part in field.split("."):
         node = node[part]
@@ -68,7 +74,7 @@ def _get(config, field: str):
 
 
 def check_numbers(
-    config,
+    config: ml_collections.ConfigDict | Mapping[str, Any],
     *,
     positive: Iterable[str] = (),
     non_negative: Iterable[str] = (),
@@ -103,7 +109,7 @@ def check_numbers(
                 raise ValueError(f"config.{field} must be {expected}, got {value!r}.")
 
 
-def _flatten(tree: Mapping, prefix: str = "") -> dict:
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     out = {}
     for key, value in tree.items():
         if isinstance(value, Mapping):
@@ -113,7 +119,9 @@ def _flatten(tree: Mapping, prefix: str = "") -> dict:
     return out
 
 
-def config_differences(old: Mapping, new) -> dict[str, tuple]:
+def config_differences(
+    old: Mapping[str, Any], new: ml_collections.ConfigDict | dict[str, Any]
+) -> dict[str, tuple[Any, Any]]:
     """Fields whose values differ between two configs: ``{dotted field: (old, new)}``.
 
     Both are compared as JSON (tuples equal lists); a field present in one only differs
@@ -130,8 +138,12 @@ def config_differences(old: Mapping, new) -> dict[str, tuple]:
 
 
 def bind_config_to_workdir(
-    config, workdir, *, may_differ: Iterable[str] = (), allow_changes: bool = False
-) -> dict[str, tuple]:
+    config: ml_collections.ConfigDict | dict[str, Any],
+    workdir: str | os.PathLike[str],
+    *,
+    may_differ: Iterable[str] = (),
+    allow_changes: bool = False,
+) -> dict[str, tuple[Any, Any]]:
     """Refuses to reuse a workdir made by a different config; saves ``config.json``.
 
     A resumed run must continue the run its checkpoints came from. When

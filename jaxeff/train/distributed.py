@@ -33,6 +33,7 @@ from typing import Any
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
+from numpy.typing import ArrayLike
 
 __all__ = [
     "COORDINATOR_ADDRESS_ENV",
@@ -55,7 +56,7 @@ NUM_PROCESSES_ENV = "JAXEFF_NUM_PROCESSES"
 PROCESS_ID_ENV = "JAXEFF_PROCESS_ID"
 
 
-def _cluster_environment():
+def _cluster_environment() -> Any:
     try:
         from jax._src.clusters import ClusterEnv
 
@@ -82,7 +83,7 @@ def detected_cluster() -> str | None:
     return None if env is None else env.__name__
 
 
-def _from_env(value, name: str, convert):
+def _from_env(value: Any, name: str, convert: Callable[[str], Any]) -> Any:
     if value is not None:
         return value
     text = os.environ.get(name)
@@ -178,9 +179,11 @@ def initialize_distributed(
                 f"pass {', '.join(missing)} (flags --{' --'.join(missing)}, or the "
                 f"{COORDINATOR_ADDRESS_ENV}/{NUM_PROCESSES_ENV}/{PROCESS_ID_ENV} variables)."
             )
+        assert process_id is not None and num_processes is not None  # none is missing
         if not 0 <= process_id < num_processes:
             raise ValueError(f"`process_id` must be in [0, {num_processes}), got {process_id}.")
-    if jax.config.jax_cpu_collectives_implementation in (None, "", "none"):
+    # jax's config options are attributes it adds at run time (so: ignore[attr-defined]).
+    if jax.config.jax_cpu_collectives_implementation in (None, "", "none"):  # type: ignore[attr-defined]
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(
         coordinator_address=coordinator_address,
@@ -311,7 +314,9 @@ def run_in_turn(fn: Callable[[], Any], *, what: str = "preparation") -> Any:
     return result
 
 
-def gather_rows(local_rows, local_mask, *, num_batches: int):
+def gather_rows(
+    local_rows: ArrayLike, local_mask: ArrayLike, *, num_batches: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Reassembles on every process the rows each process computed for its batch slices.
 
     An evaluation split over ``P`` processes cuts its rows into ``num_batches`` global

@@ -24,14 +24,17 @@ import os
 import sys
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any, Self
 
 import jax
 import numpy as np
 
 from jaxeff._extras import require
 
-tqdm = require("tqdm", extra="train", feature="jaxeff.train")
+if TYPE_CHECKING:
+    import tqdm
+else:
+    tqdm = require("tqdm", extra="train", feature="jaxeff.train")
 
 __all__ = [
     "MetricWriter",
@@ -88,7 +91,13 @@ class MetricWriter:
       rows = read_metrics(workdir)     # [{"step": ..., "time": ..., "loss": ..., "lr": ...}]
     """
 
-    def __init__(self, workdir, *, tensorboard: bool = True, only_process_zero: bool = True):
+    def __init__(
+        self,
+        workdir: str | os.PathLike[str],
+        *,
+        tensorboard: bool = True,
+        only_process_zero: bool = True,
+    ):
         self.workdir = os.fspath(workdir)
         self.active = (not only_process_zero) or jax.process_index() == 0
         self.path = os.path.join(self.workdir, METRICS_FILENAME)
@@ -104,7 +113,7 @@ class MetricWriter:
             )
             self._tb = tensorboard_x.SummaryWriter(logdir=os.path.join(self.workdir, "tensorboard"))
 
-    def write(self, step: int, metrics: Mapping[str, Any]) -> None:
+    def write(self, step: int | jax.Array, metrics: Mapping[str, Any]) -> None:
         """Writes one record ``{"step", "time", **metrics}``.
 
         Args:
@@ -147,14 +156,14 @@ class MetricWriter:
             self._tb.close()
             self._tb = None
 
-    def __enter__(self):
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
 
-def read_metrics(path) -> list[dict[str, Any]]:
+def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """Reads the records written by :class:`MetricWriter`.
 
     Args:
@@ -195,7 +204,9 @@ class _LineBar(tqdm.tqdm):
     Each refresh appends the bar as a new line; no carriage returns, no clearing.
     """
 
-    def display(self, msg=None, pos=None):
+    leave: bool | None  # tqdm's, declared here as tqdm has no type hints
+
+    def display(self, msg: str | None = None, pos: int | None = None) -> bool:
         line = self.__str__() if msg is None else msg
         if not line:
             return False  # nothing to clear: printed lines stay
@@ -205,17 +216,19 @@ class _LineBar(tqdm.tqdm):
             self._printed_n = self.n
         return True
 
-    def clear(self, nolock=False):
+    def clear(self, nolock: bool = False) -> None:
         pass
 
-    def close(self):
+    def close(self) -> None:
         if not self.disable and self.leave is not False:
             self.display()  # the final line, then tqdm's close with nothing left to clear
         self.leave = False
         super().close()
 
 
-def progress_bar(total: int, *, initial: int = 0, desc: str | None = None, **kwargs) -> Any:
+def progress_bar(
+    total: int, *, initial: int = 0, desc: str | None = None, **kwargs: Any
+) -> tqdm.tqdm:
     """A ``tqdm`` bar over steps ``initial .. total``, disabled on processes other than 0.
 
     On a terminal it is tqdm's bar. Where its output is not a terminal (a CI log, a

@@ -11,8 +11,14 @@ from __future__ import annotations
 
 import signal
 import threading
+from collections.abc import Callable, Iterable
+from types import FrameType
+from typing import TYPE_CHECKING, Any, Literal, Self
 
 import jax
+
+if TYPE_CHECKING:
+    from jaxeff.train.checkpoint import Checkpointer
 
 __all__ = ["PreemptionSignal"]
 
@@ -39,23 +45,30 @@ class PreemptionSignal:
             break
     """
 
-    def __init__(self, checkpointer=None, *, signals=(signal.SIGTERM,)):
+    def __init__(
+        self,
+        checkpointer: Checkpointer | None = None,
+        *,
+        signals: Iterable[int] = (signal.SIGTERM,),
+    ):
         self._checkpointer = checkpointer
         self._signals = tuple(signals)
-        self._previous: dict[int, object] = {}
+        self._previous: dict[
+            int, Callable[[int, FrameType | None], Any] | int | signal.Handlers | None
+        ] = {}
         self.received: int | None = None  # the signal number, once caught
 
-    def _handle(self, signum, frame):
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
         self.received = signum
 
-    def __enter__(self):
+    def __enter__(self) -> Self:
         single = jax.process_count() == 1
         if single and threading.current_thread() is threading.main_thread():
             for sig in self._signals:
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> Literal[False]:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()

@@ -17,8 +17,10 @@ lookup on batch-sharded ids) runs inside :func:`with_auto_axes`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
+import chex
 import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
@@ -71,7 +73,7 @@ def make_mesh(
     return Mesh(np.asarray(devices), (axis_name,), axis_types=(AXIS_TYPES[axis_type],))
 
 
-def _check_mesh(mesh) -> None:
+def _check_mesh(mesh: Any) -> None:
     if not isinstance(mesh, Mesh):
         raise TypeError(f"`mesh` must be a jax.sharding.Mesh, got {type(mesh).__name__}.")
 
@@ -96,7 +98,7 @@ def data_sharding(mesh: Mesh, axis_name: str | None = None) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(axis_name))
 
 
-def replicate(tree, mesh: Mesh):
+def replicate(tree: chex.ArrayTree, mesh: Mesh) -> chex.ArrayTree:
     """Places every array of ``tree`` fully replicated on ``mesh``.
 
     Every process must pass the same values (e.g. a state created from the same seed, or
@@ -116,7 +118,9 @@ def replicate(tree, mesh: Mesh):
     return jax.device_put(tree, replicated_sharding(mesh))
 
 
-def shard_batch(batch, mesh: Mesh, *, axis_name: str | None = None):
+def shard_batch(
+    batch: chex.ArrayTree, mesh: Mesh, *, axis_name: str | None = None
+) -> chex.ArrayTree:
     """Assembles a global batch sharded along axis 0 from each process's local batch.
 
     Uses ``jax.make_array_from_process_local_data``: on one host the local batch is the
@@ -162,7 +166,7 @@ def shard_batch(batch, mesh: Mesh, *, axis_name: str | None = None):
     return jax.tree_util.tree_map_with_path(place, batch)
 
 
-def local_rows(x) -> np.ndarray:
+def local_rows(x: jax.Array) -> np.ndarray:
     """This process's rows of an array sharded along axis 0, as numpy: undoes :func:`shard_batch`.
 
     ``shard_batch`` places process ``p``'s local batch on ``p``'s devices; this returns
@@ -178,14 +182,14 @@ def local_rows(x) -> np.ndarray:
     """
     if not isinstance(x, jax.Array) or x.ndim == 0:
         raise ValueError(f"`x` must be a jax.Array with a leading batch axis, got {x!r}.")
-    parts = {}
+    parts: dict[int, jax.Shard] = {}
     for shard in x.addressable_shards:
         start = shard.index[0].start or 0
         parts.setdefault(start, shard)  # a block replicated on several devices counts once
     return np.concatenate([np.asarray(parts[start].data) for start in sorted(parts)])
 
 
-def _batch_axes(tree):
+def _batch_axes(tree: chex.ArrayTree) -> tuple[jax.sharding.AbstractMesh, Any] | None:
     """``(mesh, spec entry)`` of the first leaf sharded along its leading axis over explicit
     mesh axes, or ``None``."""
     for leaf in jax.tree.leaves(tree):
@@ -197,7 +201,7 @@ def _batch_axes(tree):
     return None
 
 
-def with_auto_axes(fn):
+def with_auto_axes(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Wraps a per-example function of batch-sharded arrays so it runs on explicit meshes.
 
     On a mesh with explicit axes, an op must know the sharding of its result, and some
@@ -221,7 +225,7 @@ def with_auto_axes(fn):
       y = with_auto_axes(forward)(params, x)   # x sharded P("data") on an explicit mesh
     """
 
-    def wrapped(*args):
+    def wrapped(*args: Any) -> Any:
         found = _batch_axes(args)
         if found is None:
             return fn(*args)

@@ -13,8 +13,9 @@ handed to the optimizer and returned.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import chex
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -60,8 +61,20 @@ class TrainState:
     opt_state: optax.OptState
     model_state: nnx.State
 
+    if TYPE_CHECKING:  # added by flax.struct.dataclass (dataclasses.replace)
 
-def create_train_state(model: nnx.Module, tx: optax.GradientTransformation):
+        def replace(self, **updates: Any) -> TrainState:
+            """A copy of the state with the fields named in ``updates`` replaced."""
+            ...
+
+
+# flax.struct.dataclass installs `replace` without annotations: give it those declared above.
+TrainState.replace.__annotations__.update({"updates": Any, "return": TrainState})
+
+
+def create_train_state(
+    model: nnx.Module, tx: optax.GradientTransformation
+) -> tuple[nnx.GraphDef, TrainState]:
     """Splits an nnx model into a static graph and an initial :class:`TrainState`.
 
     Args:
@@ -87,7 +100,8 @@ def create_train_state(model: nnx.Module, tx: optax.GradientTransformation):
     if jax.tree.leaves(nnx.state(model, nnx.Intermediate)):
         model = nnx.clone(model)  # values sown by an earlier call are not part of the graph
         nnx.pop(model, nnx.Intermediate)
-    graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
+    # nnx.split with filters is typed as returning a tuple of any length (so: ignore[misc]).
+    graphdef, params, model_state = nnx.split(model, nnx.Param, ...)  # type: ignore[misc]
     state = TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
@@ -205,14 +219,14 @@ def make_train_step(
     tx: optax.GradientTransformation,
     *,
     donate: bool = True,
-    state_sharding=None,
-    batch_sharding=None,
+    state_sharding: Any = None,
+    batch_sharding: jax.sharding.Sharding | None = None,
     weights_key: str = "weights",
     per_example_stats: bool = False,
     directions_fn: Callable[[TrainState], Mapping] | None = None,
     with_sum_sq: bool = True,
     chunk_size: int | None = None,
-):
+) -> Callable[..., tuple[Any, ...]]:
     r"""Builds the jit-compiled update step ``step(state, batch, hparams) -> (state, metrics)``.
 
     One step computes, with :math:`\theta` the parameters and :math:`\ell` the loss,
@@ -384,7 +398,7 @@ def make_train_step(
             has_aux=True,
             chunk_size=chunk_size,
         )
-        _, _, _, model_state = nnx.split(model, nnx.Param, nnx.Intermediate, ...)
+        _, _, _, model_state = nnx.split(model, nnx.Param, nnx.Intermediate, ...)  # type: ignore[misc]
         losses = stats.losses
         if weights is None:
             weights = _uniform_weights(losses.shape[0], losses.dtype)
@@ -398,7 +412,7 @@ def make_train_step(
             model = nnx.merge(graphdef, params, state.model_state, copy=True)
             losses, aux = _check_loss_output(loss_fn(model, batch, hparams))
             loss, weights = _reduce_loss(losses, batch, weights_key)
-            _, _, _, model_state = nnx.split(model, nnx.Param, nnx.Intermediate, ...)
+            _, _, _, model_state = nnx.split(model, nnx.Param, nnx.Intermediate, ...)  # type: ignore[misc]
             return loss, (dict(aux), model_state, losses, weights)
 
         def value_fn(params, *, per_example_losses=None, weights=None, per_example_stats=None, **_):
@@ -470,11 +484,11 @@ def make_train_step(
                 )
         return jitted(state, batch, dict(hparams))
 
-    step.jitted = jitted
+    step.jitted = jitted  # type: ignore[attr-defined]  # mypy does not model function attributes
     return step
 
 
-def first_non_finite_leaf(tree) -> str | None:
+def first_non_finite_leaf(tree: chex.ArrayTree) -> str | None:
     """Path of the first leaf of ``tree`` holding a NaN or infinity, or ``None``.
 
     Example::
@@ -490,7 +504,9 @@ def first_non_finite_leaf(tree) -> str | None:
     return None
 
 
-def check_finite(metrics: Mapping[str, Any], step, *, params=None) -> None:
+def check_finite(
+    metrics: Mapping[str, Any], step: int | jax.Array, *, params: chex.ArrayTree | None = None
+) -> None:
     """Raises ``FloatingPointError`` when a train step saw a NaN or infinite loss/gradient.
 
     Reading ``metrics["finite"]`` waits for the step to finish (a device-to-host sync);
@@ -556,7 +572,7 @@ class FiniteGuard:
           ckpt.save(step + 1, state)
     """
 
-    def __init__(self):
+    def __init__(self) -> None:
         self._pending: list[tuple[int, Mapping[str, Any]]] = []
 
     def update(self, step: int, metrics: Mapping[str, Any]) -> None:
@@ -567,7 +583,7 @@ class FiniteGuard:
             )
         self._pending.append((int(step), metrics))
 
-    def check(self, params=None) -> None:
+    def check(self, params: chex.ArrayTree | None = None) -> None:
         """Raises ``FloatingPointError`` naming the first non-finite step since the last check.
 
         Args:
