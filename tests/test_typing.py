@@ -1,8 +1,9 @@
 """Every public function and method of jaxeff is fully annotated (mypy checks the rest).
 
-Public means exported by a subpackage's ``__all__``; for a class, its public methods and
-``__init__``. Each parameter (``*args`` and ``**kwargs`` included) and each return
-value (but ``__init__``'s) carries an annotation.
+Public means exported by a subpackage's ``__all__``; for a class, the public methods and
+``__init__`` it defines (not those a library adds, as flax.struct's ``replace``). Each
+parameter (``*args`` and ``**kwargs`` included) and each return value (but
+``__init__``'s) carries an annotation.
 """
 
 import importlib
@@ -37,8 +38,9 @@ def public_callables(module):
             yield name, obj
         elif inspect.isclass(obj) and obj.__module__.startswith("jaxeff"):
             for attr, value in vars(obj).items():
-                if inspect.isfunction(value) and (not attr.startswith("_") or attr == "__init__"):
-                    yield f"{name}.{attr}", value
+                ours = inspect.isfunction(value) and value.__module__.startswith("jaxeff")
+                if ours and (not attr.startswith("_") or attr == "__init__"):
+                    yield f"{name}.{attr}", value  # not what a library adds (flax's replace)
 
 
 def missing_annotations(name, fn):

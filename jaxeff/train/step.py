@@ -68,10 +68,6 @@ class TrainState:
             ...
 
 
-# flax.struct.dataclass installs `replace` without annotations: give it those declared above.
-TrainState.replace.__annotations__.update({"updates": Any, "return": TrainState})
-
-
 def create_train_state(
     model: nnx.Module, tx: optax.GradientTransformation
 ) -> tuple[nnx.GraphDef, TrainState]:
