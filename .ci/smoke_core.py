@@ -85,6 +85,87 @@ def check_per_example_stats():
     np.testing.assert_allclose(ours, brute, rtol=1e-4)
 
 
+def _per_example_grads(loss_fn, params, batch):
+    """Brute force: ``{path: (B, *leaf shape)}``, one ``jax.grad`` per example (vmapped)."""
+    from jaxeff import pergrad
+
+    one = jax.grad(lambda p, ex: loss_fn(p, jax.tree.map(lambda a: a[None], ex))[0])
+    grads = jax.jit(jax.vmap(one, (None, 0)))(params, batch)
+    leaves = map(np.asarray, jax.tree.leaves(grads))
+    return dict(zip(pergrad.param_paths(params), leaves, strict=True))
+
+
+def check_scan_per_example_stats():
+    from jaxeff import pergrad
+
+    # A recurrent net: the weights are used at every step of a `lax.scan`.
+    rng = np.random.default_rng(1)
+    params = {"u": rng.normal(size=(3, 4)), "w": 0.3 * rng.normal(size=(4, 4))}
+    batch = {"x": rng.normal(size=(5, 6, 3)), "y": rng.normal(size=5)}
+    params, batch = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), (params, batch))
+
+    def loss_fn(p, b):
+        def step(h, x_t):
+            return jnp.tanh(h @ p["w"] + x_t @ p["u"]), None
+
+        h, _ = jax.lax.scan(step, jnp.zeros((b["x"].shape[0], 4)), jnp.swapaxes(b["x"], 0, 1))
+        return (jnp.sum(h, axis=-1) - b["y"]) ** 2
+
+    stats = pergrad.per_example_stats(loss_fn, params, batch)
+    for path, g in _per_example_grads(loss_fn, params, batch).items():
+        np.testing.assert_allclose(stats.sq_norms[path], np.sum(g**2, axis=(1, 2)), rtol=1e-4)
+        np.testing.assert_allclose(stats.sum_sq[path], np.sum(g**2, axis=0), rtol=1e-4)
+
+
+def check_gradient_clustering():
+    import flax.linen as nn
+    import optax
+
+    from jaxeff import clustering, pergrad
+
+    model = nn.Sequential([nn.Dense(6), nn.tanh, nn.Dense(3)])
+    rng = np.random.default_rng(2)
+    batch = {"x": jnp.asarray(rng.normal(size=(8, 5)), jnp.float32), "y": jnp.arange(8) % 3}
+    params = model.init(jax.random.key(2), batch["x"])["params"]
+
+    def loss_fn(p, b):
+        logits = model.apply({"params": p}, b["x"])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, b["y"])
+
+    k = 3
+    tx = optax.chain(clustering.gradient_clustering(loss_fn, batch, num_clusters=k), optax.sgd(0.1))
+    step = jax.jit(lambda g, s, p, st: tx.update(g, s, p, per_example_stats=st))
+    state = tx.init(params)
+    per_example = _per_example_grads(loss_fn, params, batch)
+
+    def flat(centre):  # (K, leaf size): the outer product of a centre's factors, flattened
+        out = np.ones((k, 1))
+        for f in centre:
+            out = (out[:, :, None] * np.asarray(f).reshape(k, 1, -1)).reshape(k, -1)
+        return out
+
+    # The first update seeds each centre at a different example's gradient (exactly, for
+    # a Dense layer); in the second, each seed is at distance 0 from its own centre.
+    for first in (True, False):
+        centres = state[0].clusters.centres
+        _, grads, stats = pergrad.value_grad_and_stats(loss_fn, params, batch, directions=centres)
+        dots = sum(per_example[p].reshape(8, -1) @ flat(c).T for p, c in centres.items())
+        np.testing.assert_allclose(stats.dots, dots.T, rtol=1e-4, atol=1e-6)
+        updates, state = step(grads, state, params, stats)
+        for u, g in zip(jax.tree.leaves(updates), jax.tree.leaves(grads), strict=True):
+            np.testing.assert_allclose(u, -0.1 * np.asarray(g), rtol=1e-6)
+        if first:
+            dist = sum(
+                np.sum((per_example[p].reshape(8, 1, -1) - flat(c)[None]) ** 2, axis=-1)
+                for p, c in state[0].clusters.centres.items()
+            )  # (B, K)
+            seeds = np.argmin(dist, axis=0)
+            np.testing.assert_allclose(dist[seeds, np.arange(k)], 0.0, atol=1e-8)
+            assert len(set(seeds.tolist())) == k, f"two centres seeded at one example: {seeds}"
+        else:
+            np.testing.assert_array_equal(state[0].assignments[seeds], np.arange(k))
+
+
 def check_steepest_descent():
     import optax
 
@@ -118,6 +199,8 @@ def main():
         importlib.import_module(name)
     check_losses()
     check_per_example_stats()
+    check_scan_per_example_stats()
+    check_gradient_clustering()
     check_steepest_descent()
     check_missing_extras()
     print(f"core smoke test passed (jax {jax.__version__}, {len(CORE_MODULES)} core packages)")
