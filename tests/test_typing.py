@@ -26,7 +26,6 @@ SUBPACKAGES = [
 # Subpackages whose public annotations are not complete yet.
 NOT_YET = {
     "data",
-    "models",
     "pergrad",
 }
 

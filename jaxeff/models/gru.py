@@ -233,6 +233,12 @@ def resolve_unroll(unroll: int | bool | None) -> int | bool:
     return check_unroll(unroll)
 
 
+def _bias(projection: nnx.Linear) -> jax.Array:
+    """The bias of one of the GRU's projections (both are built with one)."""
+    assert projection.bias is not None
+    return projection.bias[...]
+
+
 class GRU(nnx.Module):
     r"""A GRU layer over padded sequences, with the equations of PyTorch's ``nn.GRU``.
 
@@ -285,17 +291,26 @@ class GRU(nnx.Module):
             hidden_features, 3 * hidden_features, kernel_init=init, bias_init=init, rngs=rngs
         )
 
-    def initial_state(self, batch_size: int, dtype=jnp.float32):
+    def initial_state(
+        self, batch_size: int, dtype: jax.typing.DTypeLike = jnp.float32
+    ) -> jax.Array:
         """The zero state ``h_0`` of shape ``(batch_size, hidden_features)``."""
         return jnp.zeros((batch_size, self.hidden_features), dtype)
 
-    def step(self, state, inputs):
+    def step(self, state: jax.Array, inputs: jax.Array) -> jax.Array:
         """One time step (the GRU cell): ``(B, H)`` state and ``(B, D)`` inputs → new state."""
         return gru_update(
-            state, self.input_proj(inputs), self.hidden_proj.kernel[...], self.hidden_proj.bias[...]
+            state, self.input_proj(inputs), self.hidden_proj.kernel[...], _bias(self.hidden_proj)
         )
 
-    def __call__(self, inputs, lengths, *, initial_state=None, time_major: bool = False):
+    def __call__(
+        self,
+        inputs: jax.Array,
+        lengths: jax.Array,
+        *,
+        initial_state: jax.Array | None = None,
+        time_major: bool = False,
+    ) -> tuple[jax.Array, jax.Array]:
         """Runs the GRU over padded sequences of the given ``(B,)`` lengths.
 
         Args:
@@ -320,9 +335,9 @@ class GRU(nnx.Module):
             inputs,
             mask,
             self.input_proj.kernel[...],
-            self.input_proj.bias[...],
+            _bias(self.input_proj),
             self.hidden_proj.kernel[...],
-            self.hidden_proj.bias[...],
+            _bias(self.hidden_proj),
             initial_state,
             resolve_unroll(self.unroll),
         )

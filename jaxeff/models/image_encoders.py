@@ -78,7 +78,7 @@ class PrecompImageEncoder(nnx.Module):
         self.use_abs = use_abs
         self.fc = _embedding_linear(in_features, embed_size, rngs)
 
-    def __call__(self, images):
+    def __call__(self, images: jax.Array) -> jax.Array:
         """Maps ``(B, in_features)`` features to ``(B, embed_size)`` embeddings."""
         check_floating(
             "images", images, rank=2, last_dim=self.in_features, what="(batch, features)"
@@ -124,7 +124,7 @@ class CNNImageEncoder(nnx.Module):
         self.use_abs = use_abs
         self.fc = _embedding_linear(backbone_features, embed_size, rngs)
 
-    def __call__(self, images):
+    def __call__(self, images: jax.Array) -> jax.Array:
         """Maps a batch of images to ``(B, embed_size)`` embeddings."""
         features = self.backbone(images)
         if jnp.shape(features) != (jnp.shape(images)[0], self.backbone_features):
@@ -206,7 +206,7 @@ class SmallCNN(nnx.Module):
         h, w, c = self.output_shape(image_size)
         return h * w * c
 
-    def __call__(self, images):
+    def __call__(self, images: jax.Array) -> jax.Array:
         """Maps ``(B, H, W, in_channels)`` float images to ``(B, output_features)``."""
         check_floating("images", images, rank=4, what="(batch, height, width, channels)")
         images = jnp.asarray(images)

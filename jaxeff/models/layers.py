@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def l2_normalize(x, axis: int = -1, *, eps: float = 1e-12):
+def l2_normalize(x: jax.Array, axis: int = -1, *, eps: float = 1e-12) -> jax.Array:
     r"""Scales ``x`` to unit L2 norm along ``axis``.
 
     .. math::

@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -45,7 +45,7 @@ class LinearClassifier(NamedTuple):
     w: jax.Array
     b: jax.Array
 
-    def __call__(self, x):
+    def __call__(self, x: jax.Array) -> jax.Array:
         """Scores ``(B,)`` or logits ``(B, K)`` of the ``(B, *S)`` inputs ``x``."""
         example_ndim = self.w.ndim - (self.b.ndim == 1)
         return jnp.tensordot(jnp.asarray(x), self.w, axes=example_ndim) + self.b
@@ -119,7 +119,7 @@ class DeepLinear(nnx.Module):
         *,
         num_classes: int | None = None,
         use_bias: bool = True,
-        kernel_init=None,
+        kernel_init: jax.nn.initializers.Initializer | None = None,
         rngs: nnx.Rngs,
     ):
         self.in_shape = _check_shape(in_shape, "in_shape")
@@ -130,7 +130,7 @@ class DeepLinear(nnx.Module):
         self.num_classes = num_classes
         outputs = _check_num_classes(num_classes)
         sizes = (math.prod(self.in_shape), *self.widths, outputs)
-        extra = {} if kernel_init is None else {"kernel_init": kernel_init}
+        extra: dict[str, Any] = {} if kernel_init is None else {"kernel_init": kernel_init}
         self.layers = nnx.List(
             [
                 nnx.Linear(a, b, use_bias=use_bias, rngs=rngs, **extra)
@@ -138,7 +138,7 @@ class DeepLinear(nnx.Module):
             ]
         )
 
-    def __call__(self, x):
+    def __call__(self, x: jax.Array) -> jax.Array:
         _check_input(x, self.in_shape)
         h = jnp.reshape(x, (jnp.shape(x)[0], -1))
         for layer in self.layers:
@@ -157,6 +157,7 @@ class DeepLinear(nnx.Module):
             if layer.bias is not None:
                 bias = layer.bias[...]
                 b = bias if b is None else b + bias
+        assert w is not None  # there is at least one layer
         if b is None:
             b = jnp.zeros(w.shape[1], w.dtype)
         if self.num_classes is None:
@@ -261,7 +262,7 @@ class LinearConvNet(nnx.Module):
             math.prod(spatial) * self.channels[-1], outputs, use_bias=use_bias, rngs=rngs
         )
 
-    def __call__(self, x):
+    def __call__(self, x: jax.Array) -> jax.Array:
         _check_input(x, self.in_shape)
         h = jnp.reshape(x, (jnp.shape(x)[0], *self.spatial, self.in_channels))
         for conv in self.convs:
@@ -299,6 +300,7 @@ class LinearConvNet(nnx.Module):
             bias = dc @ bias
             if conv.bias is not None:
                 bias = bias + conv.bias[...]
+        assert multiplier is not None  # there is at least one convolution
         outputs = self.readout.out_features
         r = self.readout.kernel[...].reshape(*self.spatial, self.channels[-1], outputs)
         r_hat = jnp.fft.fftn(r, axes=axes)

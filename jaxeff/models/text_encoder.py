@@ -6,6 +6,7 @@ BMVC 2018, https://arxiv.org/abs/1707.05612.
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -81,7 +82,7 @@ class GRUTextEncoder(nnx.Module):
             ]
         )
 
-    def __call__(self, tokens, lengths):
+    def __call__(self, tokens: jax.Array, lengths: jax.Array) -> jax.Array:
         """Maps ``(B, L)`` token ids and ``(B,)`` lengths to ``(B, embed_size)`` embeddings."""
         check_tokens_and_lengths(tokens, lengths, vocab_size=self.vocab_size)
         tokens = jnp.asarray(tokens)
@@ -90,6 +91,7 @@ class GRUTextEncoder(nnx.Module):
         final_state = None
         for layer in self.layers:
             x, final_state = layer(x, lengths, time_major=True)
+        assert final_state is not None  # there is at least one layer
         emb = l2_normalize(final_state)
         if self.use_abs:
             emb = jnp.abs(emb)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import jax
 from flax import nnx
 
 from jaxeff.models.image_encoders import CNNImageEncoder, PrecompImageEncoder, SmallCNN
@@ -31,15 +32,17 @@ class VSEModel(nnx.Module):
         self.image_encoder = image_encoder
         self.text_encoder = text_encoder
 
-    def encode_images(self, images):
+    def encode_images(self, images: jax.Array) -> jax.Array:
         """``(B, D)`` image embeddings."""
         return self.image_encoder(images)
 
-    def encode_captions(self, tokens, lengths):
+    def encode_captions(self, tokens: jax.Array, lengths: jax.Array) -> jax.Array:
         """``(B, D)`` caption embeddings of ``(B, L)`` padded tokens with ``(B,)`` lengths."""
         return self.text_encoder(tokens, lengths)
 
-    def __call__(self, images, tokens, lengths):
+    def __call__(
+        self, images: jax.Array, tokens: jax.Array, lengths: jax.Array
+    ) -> tuple[jax.Array, jax.Array]:
         """Embeds a batch of matched pairs; returns ``(image_emb, caption_emb)``."""
         return self.encode_images(images), self.encode_captions(tokens, lengths)
 
@@ -91,6 +94,7 @@ def vse_model(
     """
     if isinstance(rngs, int):
         rngs = nnx.Rngs(rngs)
+    images: nnx.Module
     if image_encoder == "precomp":
         if img_dim is None:
             raise ValueError('`img_dim` is required when `image_encoder="precomp"`.')
