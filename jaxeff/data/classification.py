@@ -25,9 +25,9 @@ def num_rows(data: Mapping[str, np.ndarray]) -> int:
     """The common leading-axis size of the arrays of ``data``."""
     if not isinstance(data, Mapping) or not data:
         raise ValueError(f"`data` must be a non-empty dict of arrays, got {type(data).__name__}.")
-    sizes = {np.shape(v)[0] if np.ndim(v) else None for v in data.values()}
-    if None in sizes or len(sizes) != 1:
-        shapes = {k: np.shape(v) for k, v in data.items()}
+    shapes = {k: np.shape(v) for k, v in data.items()}
+    sizes = {shape[0] for shape in shapes.values() if shape}
+    if len(sizes) != 1 or not all(shapes.values()):
         raise ValueError(f"`data` arrays must share a leading example axis, got {shapes}.")
     return sizes.pop()
 

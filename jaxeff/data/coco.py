@@ -24,13 +24,17 @@ records, which :mod:`jaxeff.data.pipeline` guarantees.
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 from etils import epath
 
 from jaxeff._extras import require
 from jaxeff.retrieval import CAPTIONS_PER_IMAGE
 
-grain = require("grain", extra="data", feature="jaxeff.data")
+if TYPE_CHECKING:
+    import grain
+else:
+    grain = require("grain", extra="data", feature="jaxeff.data")
 tfds = require("tensorflow_datasets", extra="data", feature="jaxeff.data")
 
 __all__ = ["COCO_SPLITS", "coco_captions_source"]

@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from etils import epath
@@ -32,7 +33,10 @@ from jaxeff._extras import require
 from jaxeff.data import _fingerprint
 from jaxeff.retrieval import CAPTIONS_PER_IMAGE
 
-tfds = require("tensorflow_datasets", extra="data", feature="jaxeff.data")
+if TYPE_CHECKING:
+    import tensorflow_datasets as tfds
+else:
+    tfds = require("tensorflow_datasets", extra="data", feature="jaxeff.data")
 
 __all__ = ["Flickr30k", "Flickr30kConfig", "build_flickr30k", "load_karpathy_json"]
 
@@ -91,14 +95,12 @@ def load_karpathy_json(path: epath.PathLike) -> list[dict]:
         ):
             raise ValueError(f'{where} needs a str "filename", a str "split", a "sentences" list.')
         raws = [s.get("raw") if isinstance(s, dict) else None for s in image["sentences"]]
-        if len(raws) < CAPTIONS_PER_IMAGE or not all(
-            isinstance(r, str) for r in raws[:CAPTIONS_PER_IMAGE]
-        ):
+        captions = [r.strip() for r in raws[:CAPTIONS_PER_IMAGE] if isinstance(r, str)]
+        if len(captions) < CAPTIONS_PER_IMAGE:
             raise ValueError(
                 f"{where} ({image['filename']}) needs at least {CAPTIONS_PER_IMAGE} sentences "
                 f'with a str "raw", got {len(raws)} sentences.'
             )
-        captions = [r.strip() for r in raws[:CAPTIONS_PER_IMAGE]]
         entries.append({**image, "captions": captions})
     return entries
 
@@ -192,7 +194,7 @@ class Flickr30k(tfds.core.GeneratorBasedBuilder):
         *,
         manual_dir: epath.PathLike | None = None,
         file_format: str = "array_record",
-        **kwargs,
+        **kwargs: Any,
     ):
         """Creates the builder.
 

@@ -68,13 +68,17 @@ def _builder(name: str, data_dir):
     return builder
 
 
-def num_classes(name: str, *, data_dir) -> int:
+def num_classes(name: str, *, data_dir: str | os.PathLike) -> int:
     """The number of classes of the prepared dataset ``name`` (its ``label`` feature)."""
     return int(_builder(name, data_dir).info.features["label"].num_classes)
 
 
 def load_image_classification(
-    name: str, *, data_dir, split: str = "train", max_examples: int | None = None
+    name: str,
+    *,
+    data_dir: str | os.PathLike,
+    split: str = "train",
+    max_examples: int | None = None,
 ) -> dict[str, np.ndarray]:
     """All images and labels of one split of a prepared tfds image-classification dataset.
 
@@ -111,7 +115,8 @@ def load_image_classification(
     size = len(source) if max_examples is None else min(max_examples, len(source))
     if size == 0:
         raise ValueError(f"Split {split!r} of tfds dataset {name!r} is empty.")
-    images, labels = [], []
+    images: list[np.ndarray] = []
+    labels: list[int] = []
     for start in range(0, size, _READ_BLOCK):
         records = source.__getitems__(list(range(start, min(start + _READ_BLOCK, size))))
         images.extend(np.asarray(r["image"], np.uint8) for r in records)

@@ -25,8 +25,8 @@ from __future__ import annotations
 import dataclasses
 import io
 import operator
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -34,7 +34,10 @@ from jaxeff._extras import require
 from jaxeff.data.vocab import Vocabulary
 from jaxeff.retrieval import CAPTIONS_PER_IMAGE
 
-grain = require("grain", extra="data", feature="jaxeff.data")
+if TYPE_CHECKING:
+    import grain
+else:
+    grain = require("grain", extra="data", feature="jaxeff.data")
 Image = require("PIL.Image", extra="data", feature="jaxeff.data")
 
 __all__ = [
@@ -67,7 +70,7 @@ def _check_source(source) -> int:
     return len(source)
 
 
-def _read(source, indices: Sequence[int]) -> list[dict]:
+def _read(source, indices: Iterable[int]) -> list[dict]:
     """Records ``source[i]`` for ``indices``, batched when the source supports it."""
     indices = [int(i) for i in indices]
     getitems = getattr(source, "__getitems__", None)
@@ -88,7 +91,7 @@ def _iter_records(source, chunk: int = 256):
         yield from _read(source, range(start, min(n, start + chunk)))
 
 
-def to_float_image(image) -> np.ndarray:
+def to_float_image(image: bytes | np.ndarray) -> np.ndarray:
     """Default image preprocessing: raw images to float32 in [0, 1], features unchanged.
 
     Args:
@@ -109,7 +112,7 @@ def to_float_image(image) -> np.ndarray:
     raise ValueError(f"image must be bytes, uint8 or float, got dtype {image.dtype}.")
 
 
-def caption_texts(source) -> list[str]:
+def caption_texts(source: grain.sources.RandomAccessDataSource) -> list[str]:
     """All captions of ``source`` in pair order (caption ``5 * image + j``), as str.
 
     Reads every record once; use it for :func:`jaxeff.data.build_vocabulary` on the
@@ -156,7 +159,7 @@ class _PickFromGroup:
         return CAPTIONS_PER_IMAGE * chosen + rng.integers(0, CAPTIONS_PER_IMAGE, self.group_size)
 
 
-def group_ids(source) -> np.ndarray:
+def group_ids(source: grain.sources.RandomAccessDataSource) -> np.ndarray:
     """The ``group`` of every record of ``source``, ``(N,)`` int64, in order.
 
     Reads every record once (decoding its image); pass the result as ``groups`` to
@@ -226,7 +229,13 @@ def _epoch_plan(source, *, batch_size, seed, group_size, groups) -> grain.MapDat
     return plan
 
 
-def batches_per_epoch(source, *, batch_size: int, group_size: int | None = None, groups=None):
+def batches_per_epoch(
+    source: grain.sources.RandomAccessDataSource,
+    *,
+    batch_size: int,
+    group_size: int | None = None,
+    groups: Sequence[int] | np.ndarray | None = None,
+) -> int:
     """Number of training batches per epoch of :func:`training_batches` (same arguments)."""
     return len(
         _epoch_plan(source, batch_size=batch_size, seed=0, group_size=group_size, groups=groups)
@@ -234,7 +243,7 @@ def batches_per_epoch(source, *, batch_size: int, group_size: int | None = None,
 
 
 def training_batches(
-    source,
+    source: grain.sources.RandomAccessDataSource,
     vocab: Vocabulary,
     *,
     batch_size: int,
@@ -315,7 +324,7 @@ def _eval_slices(num_rows: int, batch_size: int, shard_index: int, shard_count: 
     _check_batching(batch_size, None, shard_count, shard_index)
     size = batch_size // shard_count
     starts = np.arange(0, num_rows, batch_size) + shard_index * size
-    return [np.arange(min(s, num_rows), min(s + size, num_rows)) for s in starts]
+    return [np.arange(min(s, num_rows), min(s + size, num_rows)) for s in starts.tolist()]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -337,7 +346,7 @@ class _ImageBatch:
 
 
 def eval_image_batches(
-    source,
+    source: grain.sources.RandomAccessDataSource,
     *,
     batch_size: int,
     image_fn: ImageFn = to_float_image,
@@ -401,7 +410,7 @@ class _CaptionBatch:
 
 
 def eval_caption_batches(
-    source,
+    source: grain.sources.RandomAccessDataSource,
     vocab: Vocabulary,
     *,
     batch_size: int,

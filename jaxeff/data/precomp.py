@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from etils import epath
@@ -31,7 +32,10 @@ from jaxeff._extras import require
 from jaxeff.data import _fingerprint
 from jaxeff.retrieval import CAPTIONS_PER_IMAGE
 
-tfds = require("tensorflow_datasets", extra="data", feature="jaxeff.data")
+if TYPE_CHECKING:
+    import tensorflow_datasets as tfds
+else:
+    tfds = require("tensorflow_datasets", extra="data", feature="jaxeff.data")
 
 __all__ = [
     "PrecompConfig",
@@ -228,7 +232,7 @@ class VsePrecomp(tfds.core.GeneratorBasedBuilder):
         feature_dim: int | None = None,
         manual_dir: epath.PathLike | None = None,
         file_format: str = "array_record",
-        **kwargs,
+        **kwargs: Any,
     ):
         """Creates the builder.
 

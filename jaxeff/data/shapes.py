@@ -40,6 +40,7 @@ import random
 from typing import NamedTuple
 
 import numpy as np
+import numpy.typing as npt
 
 from jaxeff.retrieval import CAPTIONS_PER_IMAGE
 
@@ -119,7 +120,9 @@ def split_seed(seed: int, split: str) -> int:
     return int(state[0]) << 32 | int(state[1])
 
 
-def scene_ids(shapes, colours, sizes, relation) -> np.ndarray:
+def scene_ids(
+    shapes: npt.ArrayLike, colours: npt.ArrayLike, sizes: npt.ArrayLike, relation: npt.ArrayLike
+) -> np.ndarray:
     """Canonical id of each scene's meaning, the same for "A left of B" and "B right of A".
 
     Args:
@@ -372,7 +375,7 @@ def generate_shapes(
     centres = np.zeros((n, 2, 2), np.float32)
     radii = np.zeros((n, 2), np.float32)
     images = np.zeros((n, image_size, image_size, 3), np.uint8)
-    captions = []
+    captions: list[list[str]] = []
     chunk = max(1, 1024 // family_size)  # families drawn and rendered together
     for start in range(0, num_families, chunk):
         families = range(start, min(start + chunk, num_families))

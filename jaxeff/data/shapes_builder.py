@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -31,7 +32,10 @@ from jaxeff._extras import require
 from jaxeff.data import shapes as shapes_lib
 from jaxeff.retrieval import CAPTIONS_PER_IMAGE
 
-tfds = require("tensorflow_datasets", extra="data", feature="jaxeff.data")
+if TYPE_CHECKING:
+    import tensorflow_datasets as tfds
+else:
+    tfds = require("tensorflow_datasets", extra="data", feature="jaxeff.data")
 
 SPLITS = ("train", "dev", "test")
 
@@ -97,7 +101,7 @@ class JaxeffShapes(tfds.core.GeneratorBasedBuilder):
         )
     ]
 
-    def __init__(self, *, file_format: str | None = "array_record", **kwargs):
+    def __init__(self, *, file_format: str | None = "array_record", **kwargs: Any):
         super().__init__(file_format=file_format, **kwargs)
 
     def _info(self) -> tfds.core.DatasetInfo:

@@ -78,7 +78,7 @@ class Vocabulary:
             raise ValueError(
                 f"tokens must start with {SPECIAL_TOKENS}, got {tokens[: len(SPECIAL_TOKENS)]}."
             )
-        ids = {}
+        ids: dict[str, int] = {}
         for i, token in enumerate(tokens):
             if not isinstance(token, str) or not token or token.split() != [token]:
                 raise ValueError(f"tokens[{i}] = {token!r} is not a non-empty word without spaces.")
@@ -252,7 +252,7 @@ def build_vocabulary(captions: Iterable[str | bytes], *, threshold: int = 4) -> 
         raise ValueError("captions must be an iterable of captions, not a single string.")
     if threshold < 1:
         raise ValueError(f"threshold must be at least 1, got {threshold}.")
-    counts = collections.Counter()
+    counts: collections.Counter[str] = collections.Counter()
     for caption in captions:
         counts.update(tokenize(_as_text(caption, "each element of captions")))
     words = sorted(
