@@ -47,7 +47,7 @@ import dataclasses
 import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import chex
 import flax.struct
@@ -116,6 +116,12 @@ class PerExampleStats:
     factors: dict[str, tuple[jax.Array, ...]] | None
     paths: FrozenDict[str, str] = flax.struct.field(pytree_node=False)
     reasons: FrozenDict[str, str] = flax.struct.field(pytree_node=False)
+
+    if TYPE_CHECKING:  # added by flax.struct.dataclass (dataclasses.replace)
+
+        def replace(self, **updates: Any) -> PerExampleStats:
+            """A copy of the statistics with the fields named in ``updates`` replaced."""
+            ...
 
 
 def _path_name(path) -> str:
