@@ -143,6 +143,8 @@ def test_require_translates_only_the_missing_package(tmp_path, monkeypatch):
         smoke.check_requirements,
         smoke.check_losses,
         smoke.check_per_example_stats,
+        smoke.check_scan_per_example_stats,
+        smoke.check_gradient_clustering,
         smoke.check_steepest_descent,
     ],
 )

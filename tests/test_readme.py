@@ -44,3 +44,16 @@ def test_dp_sgd_example_trains_privately_and_reports_its_epsilon():
     assert namespace["epsilon"] == expected
     assert namespace["accuracy"] > 0.5  # chance is 0.1
     assert namespace["sampler"].next_step == 60
+
+
+def test_ci_runs_the_readme_test_command_step_by_step():
+    body = README.read_text().split("## Two commands\n", 1)[1].split("\n## ", 1)[0]
+    install, test = re.findall(r"```bash\n(.*?)\n```", body, flags=re.S)[:2]
+    assert 'pip install -e ".[experiments]"' in install  # the quickstart needs no test extras
+    ci = (README.parent / ".ci" / "run").read_text().splitlines()
+    steps = [s.strip() for s in test.split("&&")]
+    assert steps[0] == ". .venv/bin/activate"
+    for step in steps[1:]:
+        assert step in ci, f"README's test step {step!r} is not a line of .ci/run"
+    positions = [ci.index(step) for step in steps[1:]]
+    assert positions == sorted(positions), "the steps run in another order in .ci/run"
