@@ -80,11 +80,15 @@ def z_scores(grads, full):
     return (grads.mean(axis=0) - full)[keep] / se[keep]
 
 
-@pytest.mark.parametrize("name", samplers.SAMPLERS)
-def test_weighted_batch_gradient_is_unbiased_on_duplicated_data(duplicated, name):
+@pytest.mark.parametrize(
+    "name, replace", [(name, False) for name in samplers.SAMPLERS] + [("gc", True)]
+)
+def test_weighted_batch_gradient_is_unbiased_on_duplicated_data(duplicated, name, replace):
     """4000 batches; GC's clusters and importance's norms are stale (set at the initial
-    weights, the gradients taken 30 steps later), which costs variance, never bias."""
+    weights, the gradients taken 30 steps later), which costs variance, never bias. GC's
+    slots walk through its clusters (``replace=False``) or draw independently."""
     config, loss_fn, data, chunks, initial, later = duplicated
+    config = quick_config(gc__replace=replace)
     sampler = samplers.make_sampler(name, loss_fn, data, config=config, seed=1, chunks=chunks)
     if sampler.refreshes:
         sampler.refresh(initial)

@@ -17,13 +17,22 @@ import numpy as np
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-__all__ = ["LABELS", "plot_all", "plot_regime", "plot_speedups"]
+__all__ = ["COLOURS", "LABELS", "plot_all", "plot_regime", "plot_speedups"]
 
 LABELS = {
     "uniform": "uniform, batch B",
     "uniform_2b": "uniform, batch 2B",
+    "uniform_iid": "uniform i.i.d. draws, batch B",
     "gc": "GC (stratified over clusters)",
     "importance": "importance (∝ gradient norm)",
+}
+#: One colour per sampler in every figure.
+COLOURS = {
+    "uniform": "tab:blue",
+    "uniform_2b": "tab:orange",
+    "uniform_iid": "tab:purple",
+    "gc": "tab:green",
+    "importance": "tab:red",
 }
 
 
@@ -51,8 +60,9 @@ def plot_regime(regime: str, entry: dict, records: list[dict], path: str, *, tit
         label = f"{LABELS.get(sampler, sampler)}, lr {row['learning_rate']:g}"
         xs = (curves["examples"].mean(0), curves["seconds"].mean(0))
         for ax, x in zip(axes, xs, strict=True):
-            (line,) = ax.plot(x, loss.mean(0), label=label)
-            ax.fill_between(x, loss.min(0), loss.max(0), color=line.get_color(), alpha=0.2)
+            colour = COLOURS.get(sampler)
+            ax.plot(x, loss.mean(0), label=label, color=colour)
+            ax.fill_between(x, loss.min(0), loss.max(0), color=colour, alpha=0.2)
     target = np.mean([t["loss"] for t in entry["targets"].values()])
     for ax, xlabel in zip(axes, ("examples seen", "seconds (refreshes included)"), strict=True):
         ax.axhline(target, color="k", ls="--", lw=0.8, label="target (uniform at target step)")
@@ -82,7 +92,8 @@ def plot_speedups(results: dict, path: str) -> None:
                 means.append(value["mean"] or 0.0)
                 stds.append(value["std"] or 0.0)
             x = np.arange(len(regimes)) + (i - (len(others) - 1) / 2) * width
-            ax.bar(x, means, width, yerr=stds, label=LABELS.get(sampler, sampler), capsize=2)
+            label, colour = LABELS.get(sampler, sampler), COLOURS.get(sampler)
+            ax.bar(x, means, width, yerr=stds, label=label, color=colour, capsize=2)
         ax.axhline(1.0, color="k", lw=0.8)
         ax.set_xticks(np.arange(len(regimes)), regimes, rotation=20)
         ax.set_title(f"speed-up in {unit} to the target loss (uniform = 1)")

@@ -11,12 +11,16 @@ so every run descends the same objective, the mean loss over the training set:
 
 * ``uniform`` / ``uniform_2b``: rows of a seeded permutation per epoch (random
   reshuffling, the usual baseline), ``b`` or ``2b`` of them, weights ``1/b``;
+  ``uniform_iid``: ``b`` independent uniform draws (with replacement, as GC's draws within
+  a cluster), weights ``1/b``;
 * ``gc``: stratified over gradient clusters. Every ``refresh_every`` steps the training
   set is clustered at the current parameters (:func:`jaxeff.clustering.clustering_pass`,
   from the previous centres); cluster ``k`` of size ``N_k`` gets ``n_k`` slots
   (:func:`jaxeff.clustering.slots_per_cluster`), each weighted ``N_k/(N n_k)``
-  (:func:`jaxeff.clustering.stratified_weights`), each slot a uniform draw from its
-  cluster. The clustering is stale between refreshes; the weights keep the estimate
+  (:func:`jaxeff.clustering.stratified_weights`); the slots walk through a shuffled copy of
+  each cluster step after step (random reshuffling within the clusters, as uniform's
+  epochs; ``gc.replace``: independent draws instead). The clustering is stale between
+  refreshes; the weights keep the estimate
   unbiased for any partition, so staleness costs variance, never bias;
 * ``importance``: ``p_i`` proportional to each example's gradient norm at the last refresh
   (:func:`jaxeff.clustering.example_scores`), mixed with ``smoothing`` of uniform, weights
@@ -26,7 +30,7 @@ so every run descends the same objective, the mean loss over the training set:
 The draws run inside the jitted training scan (``draw(state, x)``, ``x`` the per-step
 input from :meth:`inputs`). GC draws from a :class:`StratifiedTable` built once per
 clustering: the slots, their weights and the members sorted by cluster do not change
-between clusterings, so a draw is ``b`` uniform offsets, ``O(b)``, where
+between clusterings, so a draw is ``b`` gathers, ``O(b)``, where
 :func:`jaxeff.clustering.stratified_sample` sorts the ``N`` assignments at every call.
 """
 
@@ -45,6 +49,7 @@ __all__ = [
     "SAMPLERS",
     "EpochOrder",
     "GCSampler",
+    "IIDSampler",
     "ImportanceSampler",
     "StratifiedTable",
     "UniformSampler",
@@ -53,8 +58,11 @@ __all__ = [
     "stratified_table",
 ]
 
-#: The samplers compared, in table order; "uniform" is the reference.
-SAMPLERS = ("uniform", "uniform_2b", "gc", "importance")
+#: The samplers a study may compare, in table order; "uniform" is the reference.
+#: ``uniform_iid`` (independent uniform draws, with replacement) is a diagnostic, not in
+#: the default study: it separates what GC's draws with replacement cost from what its
+#: stratification gains.
+SAMPLERS = ("uniform", "uniform_2b", "uniform_iid", "gc", "importance")
 
 
 def batch_size_of(name: str, batch_size: int) -> int:
@@ -113,25 +121,61 @@ class UniformSampler:
         return np.stack([self.order.indices(t) for t in range(start, start + num_steps)])
 
 
+@dataclasses.dataclass(frozen=True)
+class IIDDraw:
+    """``x`` is the step; ``b`` independent uniform draws, weights ``1/b``."""
+
+    batch_size: int
+    size: int
+
+    def __call__(self, state: jax.Array, x: jax.Array) -> gvar.Sample:
+        indices = jax.random.randint(jax.random.fold_in(state, x), (self.batch_size,), 0, self.size)
+        return gvar.Sample(
+            indices, jnp.full((self.batch_size,), 1.0 / self.batch_size, jnp.float32)
+        )
+
+
+class IIDSampler:
+    """Independent uniform draws; nothing to refresh."""
+
+    refreshes = False
+
+    def __init__(self, size: int, *, batch_size: int, seed: int):
+        self.draw = IIDDraw(batch_size, size)
+        self.state = jax.random.key(seed)
+
+    def inputs(self, start: int, num_steps: int) -> np.ndarray:
+        return np.arange(start, start + num_steps, dtype=np.int32)
+
+
 # -- gc: stratified over gradient clusters ---------------------------------------------------
 class StratifiedTable(NamedTuple):
-    """One clustering's stratified slots: slot ``j`` draws uniformly from
-    ``order[slot_start[j] : slot_start[j] + slot_size[j]]`` (its cluster's members) and
+    """One clustering's stratified slots. Cluster ``k``'s members are
+    ``order[start_k : start_k + N_k]``, in a random order; slot ``j`` belongs to the cluster
+    ``k`` starting at ``slot_start[j]``, is the ``slot_rank[j]``-th of its ``n_k`` slots and
     weighs ``weights[j] = N_k/(N n_k)``."""
 
-    order: jax.Array  # (N,) example indices sorted by cluster
+    order: jax.Array  # (N,) example indices grouped by cluster, shuffled within each
     slot_start: jax.Array  # (b,) int32
     slot_size: jax.Array  # (b,) int32, N_k of the slot's cluster
+    slot_rank: jax.Array  # (b,) int32, in [0, n_k)
+    slot_draws: jax.Array  # (b,) int32, n_k
     weights: jax.Array  # (b,) float32
 
 
 def stratified_table(
-    assignments: np.ndarray, *, num_clusters: int, batch_size: int, allocation: str
+    assignments: np.ndarray,
+    *,
+    num_clusters: int,
+    batch_size: int,
+    allocation: str,
+    rng: np.random.Generator,
 ) -> StratifiedTable:
     """The :class:`StratifiedTable` of ``assignments``: ``n_k`` slots per cluster from
     :func:`jaxeff.clustering.slots_per_cluster`, weights from
-    :func:`jaxeff.clustering.stratified_weights`. Needs ``b`` at least the number of
-    non-empty clusters (``config.batch_size >= config.gc.num_clusters`` ensures it)."""
+    :func:`jaxeff.clustering.stratified_weights`, each cluster's members shuffled by
+    ``rng``. Needs ``b`` at least the number of non-empty clusters
+    (``config.batch_size >= config.gc.num_clusters`` ensures it)."""
     assignments = np.asarray(assignments, np.int32)
     slots = np.asarray(
         clustering.slots_per_cluster(
@@ -143,32 +187,43 @@ def stratified_table(
             f"{np.count_nonzero(np.bincount(assignments))} non-empty clusters do not fit a "
             f"batch of {batch_size}; config.batch_size must be >= config.gc.num_clusters."
         )
-    order = np.argsort(assignments, kind="stable").astype(np.int32)
+    order = np.lexsort((rng.random(len(assignments)), assignments)).astype(np.int32)
     sizes = np.bincount(assignments, minlength=num_clusters)
     starts = np.cumsum(sizes) - sizes
     slot_cluster = np.repeat(np.arange(num_clusters), slots)
+    slot_rank = np.arange(batch_size) - (np.cumsum(slots) - slots)[slot_cluster]
     first_members = order[starts[slot_cluster]]  # one member per slot: its cluster's n_k
     weights = clustering.stratified_weights(assignments, first_members, num_clusters=num_clusters)
     return StratifiedTable(
-        jnp.asarray(order),
-        jnp.asarray(starts[slot_cluster], jnp.int32),
-        jnp.asarray(sizes[slot_cluster], jnp.int32),
+        *(
+            jnp.asarray(a, jnp.int32)
+            for a in (order, starts[slot_cluster], sizes[slot_cluster], slot_rank)
+        ),
+        jnp.asarray(slots[slot_cluster], jnp.int32),
         jnp.asarray(weights, jnp.float32),
     )
 
 
 @dataclasses.dataclass(frozen=True)
 class GCDraw:
-    """``x`` is the step; each slot a uniform member of its cluster (with replacement)."""
+    """``x`` is the step. ``replace=False``: at step ``t`` slot ``j`` takes position
+    ``(rank_j + t n_k) mod N_k`` of its cluster's shuffled members, so the slots walk
+    through each cluster without replacement, step after step (random reshuffling within
+    the clusters; each position holds a uniform member, so every step is unbiased).
+    ``replace=True``: each slot an independent uniform member of its cluster."""
 
     batch_size: int
+    replace: bool
 
     def __call__(self, state: tuple[StratifiedTable, jax.Array], x: jax.Array) -> gvar.Sample:
         table, key = state
-        offsets = jax.random.randint(
-            jax.random.fold_in(key, x), (self.batch_size,), 0, table.slot_size
-        )
-        return gvar.Sample(table.order[table.slot_start + offsets], table.weights)
+        if self.replace:
+            positions = jax.random.randint(
+                jax.random.fold_in(key, x), (self.batch_size,), 0, table.slot_size
+            )
+        else:
+            positions = (table.slot_rank + x * table.slot_draws) % table.slot_size
+        return gvar.Sample(table.order[table.slot_start + positions], table.weights)
 
 
 class GCSampler:
@@ -182,10 +237,11 @@ class GCSampler:
     def __init__(self, loss_fn, data, *, batch_size: int, seed: int, options, chunks):
         self.loss_fn, self.data, self.options, self.chunks = loss_fn, data, options, chunks
         self.batch_size = batch_size
-        self.key = jax.random.key(seed)
-        self.draw = GCDraw(batch_size)
+        self.seed, self.key = seed, jax.random.key(seed)
+        self.draw = GCDraw(batch_size, bool(options.gc.replace))
         self.clusters = None
         self.state = None
+        self.count = 0  # refreshes so far: each shuffles the clusters with its own seed
 
     def refresh(self, params) -> dict:
         gc = self.options.gc
@@ -205,7 +261,9 @@ class GCSampler:
             num_clusters=gc.num_clusters,
             batch_size=self.batch_size,
             allocation=gc.allocation,
+            rng=np.random.default_rng([self.seed, self.count]),
         )
+        self.count += 1
         self.state = jax.block_until_ready((table, self.key))
         return {"cluster_sizes": np.bincount(assignments, minlength=gc.num_clusters).tolist()}
 
@@ -265,6 +323,8 @@ def make_sampler(name: str, loss_fn, data, *, config, seed: int, chunks=None):
     batch_size = batch_size_of(name, config.batch_size)
     if name in ("uniform", "uniform_2b"):
         return UniformSampler(size, batch_size=batch_size, seed=seed)
+    if name == "uniform_iid":
+        return IIDSampler(size, batch_size=batch_size, seed=seed)
     if name == "gc":
         return GCSampler(
             loss_fn, data, batch_size=batch_size, seed=seed, options=config, chunks=chunks

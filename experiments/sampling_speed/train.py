@@ -142,6 +142,8 @@ def validate_config(config) -> None:
     ):
         if value not in options:
             raise ValueError(f"config.{field} must be one of {tuple(options)}, got {value!r}.")
+    if not isinstance(config.gc.replace, bool):
+        raise ValueError(f"config.gc.replace must be True or False, got {config.gc.replace!r}.")
     if "gc" in names and config.batch_size < config.gc.num_clusters:
         raise ValueError(
             f"config.batch_size ({config.batch_size}) must be >= config.gc.num_clusters "

@@ -52,7 +52,7 @@ def get_config():
     config = ml_collections.ConfigDict()
     config.regimes = regimes()
     config.samplers = ("uniform", "uniform_2b", "gc", "importance")
-    config.learning_rates = (0.1, 0.2, 0.4, 0.8)  # the grid every sampler is tuned over
+    config.learning_rates = (0.1, 0.2, 0.4, 0.8, 1.6)  # the grid every sampler is tuned over
     config.num_seeds = 5  # seeds 0..4: initial weights and batches; paired across samplers
 
     config.data = ml_collections.ConfigDict()
@@ -82,6 +82,9 @@ def get_config():
     config.gc.num_passes = 1  # batch-mode passes per clustering, from the previous centres
     config.gc.min_fraction = 0.0  # re-seed clusters below this fraction of the examples
     config.gc.allocation = "equal"  # slots per cluster: "equal" or "proportional"
+    # False: the slots walk through each cluster's shuffled members (random reshuffling
+    # within the clusters, as uniform's epochs); True: independent draws within a cluster.
+    config.gc.replace = False
 
     config.importance = ml_collections.ConfigDict()
     config.importance.score = "grad_norm"  # p_i ∝ ||g_i|| (or "loss")
