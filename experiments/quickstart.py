@@ -14,8 +14,11 @@ dependencies.
 * ``gvar``: gradient variance of SGD with batch B, SGD with 2B, SVRG, gradient clustering
   (stratified batches over gradient clusters), importance sampling and SGD's exact
   variance along one SGD run of an MLP on scikit-learn's digits; prints the mean of each
-  over the run and writes ``gradient_variance.png``. Faghri, Duvenaud, Fleet, Ba, "A Study
-  of Gradient Variance in Deep Learning", https://arxiv.org/abs/2007.04532.
+  over the run and writes ``gradient_variance.png``; then trains with uniform and with GC
+  batches on the digits with 10 images repeated 100 times and prints GC's steps to
+  uniform's training loss against uniform's (``experiments.sampling_speed``). Faghri,
+  Duvenaud, Fleet, Ba, "A Study of Gradient Variance in Deep Learning",
+  https://arxiv.org/abs/2007.04532.
 * ``robust``: gradient descent, coordinate descent and sign descent on separable Gaussian
   data (d = 100, d/n = 4) against the L2, L1 and L∞ max-margin classifiers (cvxpy): each
   optimiser ends at the max-margin solution of its own norm and is the most robust under
@@ -41,6 +44,8 @@ from experiments.gvar import train as gvar_train
 from experiments.gvar.configs import default as gvar_default
 from experiments.robust import train as robust_train
 from experiments.robust.configs import quick as robust_quick
+from experiments.sampling_speed import train as speed_train
+from experiments.sampling_speed.configs import quickstart as speed_quickstart
 from experiments.vsepp import plots, train
 from experiments.vsepp.configs import shapes
 from jaxeff import gvar, retrieval
@@ -152,7 +157,35 @@ def gvar_section(args) -> dict:
             os.path.join(args.workdir, "gradient_variance.png"),
             title=f"digits MLP, batch {config.batch_size}",
         )
-    return {"mean_variance": mean, "test": result["final"], "json": {"mean_variance": mean}}
+    speed = steps_to_target(args) if jax.process_index() == 0 else None
+    json_out = {"mean_variance": mean, "steps_to_target": speed}
+    return {"mean_variance": mean, "test": result["final"], "json": json_out}
+
+
+def steps_to_target(args) -> dict:
+    """GC's steps to uniform's training loss on duplicated digits, against uniform's own
+    (``experiments.sampling_speed``, one seed, 600 steps at the default ``--gvar-steps``)."""
+    config = speed_quickstart.get_config()
+    unit = max(round(args.gvar_steps / 120), 1)  # steps between evaluations: 25
+    config.eval_every, config.refresh_every = unit, 4 * unit
+    config.num_steps, config.target_step = 24 * unit, 12 * unit
+    result = speed_train.train_and_evaluate(config, os.path.join(args.workdir, "sampling_speed"))
+    rows = {s: r["per_seed"][0] for s, r in result["regimes"]["duplicates"]["samplers"].items()}
+    uniform, gc = rows["uniform"], rows["gc"]
+    reached = (
+        f"in {gc['step_to_loss']} steps ({gc['seconds_to_loss']:.2f} s, clustering included)"
+        if gc["step_to_loss"] is not None
+        else f"not within {config.num_steps} steps"
+    )
+    print(
+        f"GC on duplicated digits reaches uniform's training loss at step {config.target_step} "
+        f"{reached}; uniform: {uniform['step_to_loss']} steps ({uniform['seconds_to_loss']:.2f} s)"
+    )
+    return {
+        "target_step": config.target_step,
+        "uniform": {k: uniform[k] for k in ("step_to_loss", "seconds_to_loss")},
+        "gc": {k: gc[k] for k in ("step_to_loss", "seconds_to_loss")},
+    }
 
 
 # ----------------------------------------------------------------------------------------

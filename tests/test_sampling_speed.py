@@ -1,5 +1,6 @@
 """The sampling-speed study: unbiased batches, steps to target, config errors, outputs, resume."""
 
+import argparse
 import json
 import os
 
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
+from experiments import quickstart
 from experiments.sampling_speed import analysis, samplers, train
 from experiments.sampling_speed import data as regime_data
 from experiments.sampling_speed.configs import default, quick
@@ -338,3 +340,17 @@ def test_workdir_of_another_config_is_refused(quick_study):
     workdir, _ = quick_study
     with pytest.raises(ValueError, match="learning_rates"):
         train.train_and_evaluate(quick_config(learning_rates=(0.1, 0.2)), workdir)
+
+
+def test_quickstart_line_reports_the_runs_steps_to_target(tmp_path, capsys):
+    args = argparse.Namespace(workdir=str(tmp_path), gvar_steps=60)  # 24 steps, target at 12
+    out = quickstart.steps_to_target(args)
+    printed = capsys.readouterr().out
+    saved = json.load(open(tmp_path / "sampling_speed" / train.RESULTS))
+    rows = saved["regimes"]["duplicates"]["samplers"]
+    assert out["target_step"] == saved["target_step"] == 12
+    for name in ("uniform", "gc"):
+        assert out[name]["step_to_loss"] == rows[name]["per_seed"][0]["step_to_loss"]
+    assert 0 < out["uniform"]["step_to_loss"] <= 12
+    assert f"uniform: {out['uniform']['step_to_loss']} steps" in printed
+    assert "GC on duplicated digits reaches uniform's training loss at step 12" in printed
