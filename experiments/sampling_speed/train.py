@@ -371,7 +371,8 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
     of ``step``, ``examples``, ``seconds``, ``refresh_seconds``, ``train_loss``,
     ``train_accuracy``, ``test_loss``, ``test_accuracy``); per run
     ``runs/<regime>/<sampler>/lr<lr>_seed<seed>/metrics.jsonl`` and TensorBoard events;
-    ``results.json`` (:func:`experiments.sampling_speed.analysis.summarize`); ``table.md``;
+    ``results.json`` (:func:`experiments.sampling_speed.analysis.summarize`); ``table.md``
+    (the speed-ups to the loss and to the accuracy targets, the tuned rates and finals);
     ``loss_<regime>.png`` per regime and ``speedup.png``.
 
     Returns:
@@ -433,7 +434,11 @@ def train_and_evaluate(config, workdir: str, *, allow_config_change: bool = Fals
     table = analysis.format_table(results)
     with open(os.path.join(workdir, RESULTS), "w") as f:
         json.dump(results, f, indent=1)
-    with open(os.path.join(workdir, TABLE), "w") as f:
-        f.write(table + "\n")
+    with open(os.path.join(workdir, TABLE), "w") as f:  # the accuracy table and details too
+        accuracy, details = (
+            analysis.format_table(results, "accuracy"),
+            analysis.format_details(results),
+        )
+        f.write(f"{table}\n\n{accuracy}\n\n{details}\n")
     plots.plot_all(results, runs, workdir)
     return {**results, "runs": runs, "trained": trained, "table": table}
