@@ -208,6 +208,11 @@ def check_gradient_variance(workdir):
             assert all(math.isfinite(x) for x in losses), (run, kind, losses)
             assert losses[-1] < 0.8 * losses[0], (run, kind, losses)
             assert r["test_accuracy"] >= 0.3, (run, kind, r["test_accuracy"])
+            # Examples to uniform's final loss: the first evaluation at or below it.
+            target = kinds["uniform"]["curve"][-1]["loss"]
+            crossed = [c["examples"] for c in r["curve"] if c["loss"] <= target]
+            assert r["examples_to_target"] == (crossed[0] if crossed else None), (run, kind)
+        assert kinds["uniform"]["examples_to_target"] is not None  # its own final loss
     # Part 5: online GC on a flax linen model in a plain optax loop. Every leaf takes an
     # exact rule, every leaf is clustered, the clusters are used, and training converges
     # like uniform batches.
