@@ -220,20 +220,13 @@ def generate_linreg(*, dim, num_train, num_test, noise, seed):
     return split(num_train), split(num_test)
 
 
-def load_data(config) -> Data:
-    """The training and test arrays of ``config.data``, with its variants applied."""
-    data = config.data
+def load_image_splits(data) -> Data:
+    """The digits (``data.name = "digits"``) or a prepared tfds image dataset, as they are.
+
+    ``data.max_examples > 0`` keeps only the first examples of each split.
+    """
     limit = data.max_examples or None
-    if data.name == "linreg":
-        train, test = generate_linreg(
-            dim=data.dim,
-            num_train=data.num_examples,
-            num_test=data.num_test,
-            noise=data.noise,
-            seed=data.seed,
-        )
-        num_classes = None
-    elif data.name == "digits":
+    if data.name == "digits":
         splits = digits.load_digits(test_fraction=data.test_fraction, seed=data.seed)
         train, test = splits["train"], splits["test"]
         num_classes = digits.DIGITS_CLASSES
@@ -248,6 +241,23 @@ def load_data(config) -> Data:
     if limit:
         train = {k: v[:limit] for k, v in train.items()}
         test = {k: v[:limit] for k, v in test.items()}
+    return Data(train, test, num_classes)
+
+
+def load_data(config) -> Data:
+    """The training and test arrays of ``config.data``, with its variants applied."""
+    data = config.data
+    if data.name == "linreg":
+        train, test = generate_linreg(
+            dim=data.dim,
+            num_train=data.num_examples,
+            num_test=data.num_test,
+            noise=data.noise,
+            seed=data.seed,
+        )
+        num_classes = None
+    else:
+        train, test, num_classes = load_image_splits(data)
     if data.imbalance != 1.0:
         train = classification.imbalance_classes(
             train, ratio=data.imbalance, num_classes=num_classes, seed=data.seed
@@ -275,7 +285,7 @@ class EpochBatches:
     def __init__(self, size: int, batch_size: int, seed: int):
         if batch_size > size:
             raise ValueError(
-                f"config.batch_size ({batch_size}) exceeds the {size} training examples."
+                f"A batch of {batch_size} exceeds the {size} training examples (config.batch_size)."
             )
         self.size, self.batch_size, self.seed = size, batch_size, seed
         self.steps_per_epoch = size // batch_size

@@ -1,27 +1,20 @@
 """The training and test sets of one data regime, from the library's loaders and variants.
 
-The digits (:func:`jaxeff.data.load_digits`) or a prepared tfds image set
-(:func:`jaxeff.data.load_image_classification`), then the regime's variants in the order
-of :mod:`jaxeff.data.classification`: class imbalance (:func:`majority_class`), label
-noise (:func:`jaxeff.data.corrupt_labels`), duplicates
+The digits or a prepared tfds image set, loaded as the gradient-variance experiment loads
+them (:func:`experiments.gvar.train.load_image_splits`), then the regime's variants in the
+order of :mod:`jaxeff.data.classification`: class imbalance (:func:`majority_class`),
+label noise (:func:`jaxeff.data.corrupt_labels`), duplicates
 (:func:`jaxeff.data.duplicate_examples`). The test split is never modified.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import numpy as np
 
-from jaxeff.data import classification, digits, mnist_cifar
+from experiments.gvar.train import Data, load_image_splits
+from jaxeff.data import classification
 
 __all__ = ["Data", "load_regime", "majority_class"]
-
-
-class Data(NamedTuple):
-    train: dict[str, np.ndarray]
-    test: dict[str, np.ndarray]
-    num_classes: int
 
 
 def majority_class(
@@ -46,22 +39,7 @@ def majority_class(
 def load_regime(config, regime) -> Data:
     """``config.data``'s splits with ``regime``'s variants applied to the training split."""
     data = config.data
-    limit = data.max_examples or None
-    if data.name == "digits":
-        splits = digits.load_digits(test_fraction=data.test_fraction, seed=data.seed)
-        train, test = splits["train"], splits["test"]
-        num_classes = digits.DIGITS_CLASSES
-    else:
-        train, test = (
-            mnist_cifar.load_image_classification(
-                data.name, data_dir=data.data_dir, split=split, max_examples=limit
-            )
-            for split in ("train", "test")
-        )
-        num_classes = mnist_cifar.num_classes(data.name, data_dir=data.data_dir)
-    if limit:
-        train = {k: v[:limit] for k, v in train.items()}
-        test = {k: v[:limit] for k, v in test.items()}
+    train, test, num_classes = load_image_splits(data)
     if regime.majority_factor > 1:
         train = majority_class(
             train, factor=regime.majority_factor, num_classes=num_classes, seed=data.seed

@@ -43,11 +43,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments.gvar.train import EpochBatches
 from jaxeff import clustering, gvar
 
 __all__ = [
     "SAMPLERS",
-    "EpochOrder",
     "GCSampler",
     "IIDSampler",
     "ImportanceSampler",
@@ -70,30 +70,7 @@ def batch_size_of(name: str, batch_size: int) -> int:
     return 2 * batch_size if name == "uniform_2b" else batch_size
 
 
-# -- uniform: seeded epochs ----------------------------------------------------------------
-class EpochOrder:
-    """Batch ``t``: rows of a seeded permutation of epoch ``t // (N // b)``.
-
-    A pure function of ``(seed, t)``; the last ``N mod b`` rows of each epoch's permutation
-    are left out of that epoch.
-    """
-
-    def __init__(self, size: int, batch_size: int, seed: int):
-        if batch_size > size:
-            raise ValueError(
-                f"A batch of {batch_size} exceeds the {size} training examples (config.batch_size)."
-            )
-        self.size, self.batch_size, self.seed = size, batch_size, seed
-        self.steps_per_epoch = size // batch_size
-        self._epoch, self._order = None, None
-
-    def indices(self, step: int) -> np.ndarray:
-        epoch, position = divmod(step, self.steps_per_epoch)
-        if epoch != self._epoch:
-            self._epoch = epoch
-            self._order = np.random.default_rng([self.seed, epoch]).permutation(self.size)
-        start = position * self.batch_size
-        return self._order[start : start + self.batch_size]
+# -- uniform: seeded epochs (experiments.gvar.train.EpochBatches) --------------------------
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,7 +90,7 @@ class UniformSampler:
     refreshes = False
 
     def __init__(self, size: int, *, batch_size: int, seed: int):
-        self.order = EpochOrder(size, batch_size, seed)
+        self.order = EpochBatches(size, batch_size, seed)
         self.draw = UniformDraw(batch_size)
         self.state = ()
 
