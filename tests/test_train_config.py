@@ -51,6 +51,30 @@ def test_check_numbers_names_the_field():
             check_numbers(config, **rules)
 
 
+def test_check_numbers_integers_have_a_least_value():
+    integers = {"batch_size": 1, "model.dim": 1024, "log_every": 0}
+    check_numbers(get_config(), integers=integers)  # a valid config passes
+    for field, value in [
+        ("batch_size", 0),
+        ("batch_size", 32.0),
+        ("batch_size", True),
+        ("batch_size", "32"),
+        ("model.dim", 1023),
+        ("log_every", -1),
+    ]:
+        config = get_config().to_dict()
+        *parents, leaf = field.split(".")
+        node = config
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+        with pytest.raises(
+            ValueError,
+            match=rf"^config\.{field} must be an integer >= {integers[field]}, got {value!r}\.$",
+        ):
+            check_numbers(config, integers=integers)
+
+
 def test_config_differences_lists_changed_and_missing_fields():
     old = json.loads(config_to_json(get_config()))
     new = get_config()

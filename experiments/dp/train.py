@@ -93,15 +93,6 @@ RESUMABLE_FIELDS = ("num_steps", "eval_every", "checkpoint_every")
 # ----------------------------------------------------------------------------------------
 # Config.
 # ----------------------------------------------------------------------------------------
-def _integer(config, field: str, minimum: int) -> int:
-    node = config
-    for part in field.split("."):
-        node = node[part]
-    if isinstance(node, bool) or not isinstance(node, int) or node < minimum:
-        raise ValueError(f"config.{field} must be an integer >= {minimum}, got {node!r}.")
-    return node
-
-
 def _widths(config, field: str) -> tuple[int, ...]:
     values = config.model[field]
     ok = isinstance(values, tuple | list) and all(
@@ -130,12 +121,16 @@ def validate_config(config) -> None:
             "data.test_fraction",
         ],
         fraction=["momentum", "privacy.delta", "overflow_probability", "data.test_fraction"],
+        integers={
+            "num_steps": 1,
+            "eval_every": 1,
+            "checkpoint_every": 1,
+            "batch_size": 0,
+            "data.seed": 0,
+            "seed": 0,
+        },
     )
-    for field in ("num_steps", "eval_every", "checkpoint_every"):
-        _integer(config, field, 1)
-    _integer(config, "batch_size", 0)
-    _integer(config, "data.seed", 0)
-    if _integer(config, "seed", 0) >= 2**32:
+    if config.seed >= 2**32:
         raise ValueError(f"config.seed must be below 2**32, got {config.seed!r}.")
     sigmas = config.privacy.noise_multipliers
     ok = isinstance(sigmas, tuple | list) and len(sigmas) > 0
@@ -162,7 +157,7 @@ def validate_config(config) -> None:
         _widths(config, "hidden")
     else:
         features = _widths(config, "features")
-        _integer(config, "model.dense", 1)
+        jt.check_numbers(config, integers={"model.dense": 1})
         height, width, _ = digits.DIGITS_SHAPE
         scale = 2 ** len(features)
         if height % scale or width % scale:

@@ -122,15 +122,6 @@ RESUMABLE_FIELDS = (
 # ----------------------------------------------------------------------------------------
 # Config.
 # ----------------------------------------------------------------------------------------
-def _integer(config, field: str, minimum: int) -> int:
-    node = config
-    for part in field.split("."):
-        node = node[part]
-    if isinstance(node, bool) or not isinstance(node, int) or node < minimum:
-        raise ValueError(f"config.{field} must be an integer >= {minimum}, got {node!r}.")
-    return node
-
-
 def attack_norms(config) -> tuple[str, ...]:
     """The norm names of ``config.attack.norms``, checked."""
     names = tuple(config.attack.norms)
@@ -172,23 +163,25 @@ def validate_config(config) -> None:
         positive=["learning_rate", "attack.step_size"],
         fraction=["data.test_fraction"],
     )
-    for field, minimum in (
-        ("seed", 0),
-        ("data.seed", 0),
-        ("data.max_examples", 0),
-        ("batch_size", 1),
-        ("num_steps", 1),
-        ("log_every", 1),
-        ("checkpoint_every", 1),
-        ("eval.batch_size", 1),
-        ("eval.num_examples", 0),
-        ("eval.save_examples", 0),
-        ("attack.steps", 0),
-        ("attack.restarts", 1),
-        ("attack.batch_size", 1),
-        ("attack.seed", 0),
-    ):
-        _integer(config, field, minimum)
+    jt.check_numbers(
+        config,
+        integers={
+            "seed": 0,
+            "data.seed": 0,
+            "data.max_examples": 0,
+            "batch_size": 1,
+            "num_steps": 1,
+            "log_every": 1,
+            "checkpoint_every": 1,
+            "eval.batch_size": 1,
+            "eval.num_examples": 0,
+            "eval.save_examples": 0,
+            "attack.steps": 0,
+            "attack.restarts": 1,
+            "attack.batch_size": 1,
+            "attack.seed": 0,
+        },
+    )
     if config.data.name == "digits":
         pass
     elif config.data.name in mnist_cifar.IMAGE_DATASETS:
@@ -214,7 +207,7 @@ def validate_config(config) -> None:
                 f"config.model.features must be positive channel counts, got "
                 f"{config.model.features!r}."
             )
-        _integer(config, "model.dense", 1)
+        jt.check_numbers(config, integers={"model.dense": 1})
     names = attack_norms(config)
     for name in names:
         eps_grid(config, name)

@@ -73,35 +73,24 @@ REGIME_FIELDS = ("majority_factor", "label_noise", "duplicates", "duplicate_copi
 # ----------------------------------------------------------------------------------------
 # Config.
 # ----------------------------------------------------------------------------------------
-def _field(config, field: str):
-    for part in field.split("."):
-        config = config[part]
-    return config
-
-
-def _integer(config, field: str, minimum: int) -> int:
-    value = _field(config, field)
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"config.{field} must be an integer >= {minimum}, got {value!r}.")
-    return value
-
-
 def validate_config(config) -> None:
     """Checks every field at start-up, before any data is read or anything is written."""
-    for field, minimum in (
-        ("num_seeds", 1),
-        ("batch_size", 1),
-        ("num_steps", 1),
-        ("target_step", 1),
-        ("eval_every", 1),
-        ("refresh_every", 1),
-        ("chunk_size", 1),
-        ("gc.num_clusters", 1),
-        ("gc.num_passes", 1),
-        ("data.max_examples", 0),
-        ("data.seed", 0),
-    ):
-        _integer(config, field, minimum)
+    jt.check_numbers(
+        config,
+        integers={
+            "num_seeds": 1,
+            "batch_size": 1,
+            "num_steps": 1,
+            "target_step": 1,
+            "eval_every": 1,
+            "refresh_every": 1,
+            "chunk_size": 1,
+            "gc.num_clusters": 1,
+            "gc.num_passes": 1,
+            "data.max_examples": 0,
+            "data.seed": 0,
+        },
+    )
     for field in ("num_steps", "target_step", "refresh_every"):
         if config[field] % config.eval_every:
             raise ValueError(
@@ -160,8 +149,14 @@ def validate_config(config) -> None:
         unknown = sorted(set(regime) - set(REGIME_FIELDS))
         if unknown:
             raise ValueError(f"config.regimes.{name} has unknown fields {unknown}.")
-        for field in ("majority_factor", "duplicates", "duplicate_copies"):
-            _integer(config, f"regimes.{name}.{field}", 1 if field == "majority_factor" else 0)
+        jt.check_numbers(
+            config,
+            integers={
+                f"regimes.{name}.majority_factor": 1,
+                f"regimes.{name}.duplicates": 0,
+                f"regimes.{name}.duplicate_copies": 0,
+            },
+        )
         noise = regime.label_noise
         if isinstance(noise, bool) or not isinstance(noise, float | int) or not 0 <= noise <= 1:
             raise ValueError(f"config.regimes.{name}.label_noise must lie in [0, 1], got {noise}.")

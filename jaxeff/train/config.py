@@ -79,6 +79,7 @@ def check_numbers(
     positive: Iterable[str] = (),
     non_negative: Iterable[str] = (),
     fraction: Iterable[str] = (),
+    integers: Mapping[str, int] | None = None,
 ) -> None:
     """Checks numeric config fields before anything is built, naming the field on failure.
 
@@ -87,6 +88,8 @@ def check_numbers(
       positive: dotted field names that must be finite numbers ``> 0``.
       non_negative: dotted field names that must be finite numbers ``>= 0``.
       fraction: dotted field names that must lie in ``[0, 1)``.
+      integers: ``{dotted field name: least value}``: fields that must be Python ints (not
+        bools, not floats) at least that value; checked after the others.
 
     Raises:
       ValueError: ``config.<field> must be ..., got <value>`` for the first bad field
@@ -94,7 +97,8 @@ def check_numbers(
 
     Example::
 
-      check_numbers(config, positive=["batch_size", "learning_rate"], fraction=["decay"])
+      check_numbers(config, positive=["learning_rate"], fraction=["decay"],
+                    integers={"batch_size": 1, "seed": 0})
     """
     rules = (
         (positive, lambda v: v > 0, "a positive number"),
@@ -107,6 +111,10 @@ def check_numbers(
             is_number = isinstance(value, numbers.Real) and not isinstance(value, bool)
             if not (is_number and math.isfinite(value) and ok(value)):
                 raise ValueError(f"config.{field} must be {expected}, got {value!r}.")
+    for field, minimum in (integers or {}).items():
+        value = _get(config, field)
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ValueError(f"config.{field} must be an integer >= {minimum}, got {value!r}.")
 
 
 def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
