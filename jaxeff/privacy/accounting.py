@@ -11,10 +11,10 @@ the tighter privacy-loss-distribution accountant (Koskela et al. 2020; Doroshenk
 
 from __future__ import annotations
 
-import math
 import numbers
 from typing import TYPE_CHECKING
 
+from jaxeff._checks import check_number
 from jaxeff._extras import require
 
 if TYPE_CHECKING:
@@ -27,16 +27,6 @@ __all__ = ["ACCOUNTANTS", "dpsgd_event", "dpsgd_epsilon"]
 ACCOUNTANTS = ("pld", "rdp")
 
 
-def _check_real(value, name, low, high, *, low_open=True):
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"`{name}` must be a number, got {value!r}.")
-    above = value > low if low_open else value >= low
-    if not (math.isfinite(value) and above and value <= high):
-        bracket = "(" if low_open else "["
-        raise ValueError(f"`{name}` must be in {bracket}{low}, {high}], got {value!r}.")
-    return float(value)
-
-
 def dpsgd_event(
     *, noise_multiplier: float, sampling_rate: float, steps: int
 ) -> dp_accounting.DpEvent:
@@ -47,8 +37,8 @@ def dpsgd_event(
       sampling_rate: ``q ∈ (0, 1]``: each example's probability of being in a batch.
       steps: ``T ≥ 0`` steps taken.
     """
-    sigma = _check_real(noise_multiplier, "noise_multiplier", 0.0, math.inf)
-    q = _check_real(sampling_rate, "sampling_rate", 0.0, 1.0)
+    sigma = float(check_number(noise_multiplier, "noise_multiplier", above=0.0, static=True))
+    q = float(check_number(sampling_rate, "sampling_rate", above=0.0, at_most=1.0, static=True))
     if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 0:
         raise ValueError(f"`steps` must be a non-negative int, got {steps!r}.")
     step = dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma))
@@ -88,9 +78,7 @@ def dpsgd_epsilon(
                     delta=1e-5)
     """
     event = dpsgd_event(noise_multiplier=noise_multiplier, sampling_rate=sampling_rate, steps=steps)
-    delta = _check_real(delta, "delta", 0.0, 1.0)
-    if delta >= 1.0:
-        raise ValueError(f"`delta` must be in (0, 1), got {delta!r}.")
+    delta = float(check_number(delta, "delta", above=0.0, below=1.0, static=True))
     if accountant not in ACCOUNTANTS:
         raise ValueError(f"`accountant` must be one of {ACCOUNTANTS}, got {accountant!r}.")
     if steps == 0:

@@ -49,6 +49,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from scipy import stats
 
+from jaxeff._checks import check_number
 from jaxeff._extras import require
 from jaxeff.clustering.samplers import (
     _BatchStream,
@@ -65,17 +66,6 @@ else:
 __all__ = ["PoissonSampler", "padded_batch_size"]
 
 _NO_SHARDING = grain.sharding.NoSharding()
-
-
-def _check_fraction(value, name: str, *, one_allowed: bool) -> float:
-    """A float in ``(0, 1]`` (``one_allowed``) or ``(0, 1)``."""
-    interval = "(0, 1]" if one_allowed else "(0, 1)"
-    if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
-        raise TypeError(f"`{name}` must be a float in {interval}, got {value!r}.")
-    value = float(value)
-    if not (0.0 < value < 1.0 or (one_allowed and value == 1.0)):  # NaN fails too
-        raise ValueError(f"`{name}` must be in {interval}, got {value!r}.")
-    return value
 
 
 def _check_step(step) -> int:
@@ -114,8 +104,12 @@ def padded_batch_size(
       b = padded_batch_size(len(source), 256 / len(source), 1e-9, multiple=8)
     """
     size = _check_positive_int(num_examples, "num_examples")
-    rate = _check_fraction(sampling_rate, "sampling_rate", one_allowed=True)
-    p = _check_fraction(overflow_probability, "overflow_probability", one_allowed=False)
+    rate = float(check_number(sampling_rate, "sampling_rate", above=0.0, at_most=1.0, static=True))
+    p = float(
+        check_number(
+            overflow_probability, "overflow_probability", above=0.0, below=1.0, static=True
+        )
+    )
     multiple = _check_positive_int(multiple, "multiple")
     low, high = 0, size  # sf(high) = 0 <= p; find the smallest b with sf(b) <= p
     while low < high:
@@ -174,7 +168,9 @@ class PoissonSampler(_BatchStream):
         shard_options: grain.sharding.ShardOptions = _NO_SHARDING,
     ):
         super().__init__(num_examples, batch_size, seed, shard_options)
-        self.sampling_rate = _check_fraction(sampling_rate, "sampling_rate", one_allowed=True)
+        self.sampling_rate = float(
+            check_number(sampling_rate, "sampling_rate", above=0.0, at_most=1.0, static=True)
+        )
         self._overflowed = 0
 
     def __repr__(self) -> str:
