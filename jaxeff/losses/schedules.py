@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
-import chex
+from typing import TYPE_CHECKING
+
 import jax
 import jax.numpy as jnp
-import optax
+
+if TYPE_CHECKING:  # annotations only: the losses import neither at run time
+    import chex
+    import optax
 
 
 def hard_negative_schedule(warmup_steps: int, transition_steps: int = 0) -> optax.Schedule:
